@@ -1,0 +1,163 @@
+"""The query API client: one authenticated connection pool, used only for the API's origin.
+
+The key lives in this client's default headers and nowhere else; redirects are
+never followed, so it cannot be carried to another host. Transient trouble
+(throttling, 5xx, dropped connections, Tencent's ``RequestLimitExceeded``) is
+retried under the shared :class:`~fetcher.retry.RetryPolicy`; a rejected key
+raises :class:`~fetcher.errors.AuthError` at once, since every later query would
+fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from . import __version__
+from .errors import AuthError, QueryError, ResponseError, TaskNotFound
+from .models import ApiErrorCode, Task, parse_task
+from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, parse_retry_after
+
+QUERY_PATH = "/tencent-vod/v1/query/"
+#: A query answer is a few KiB; anything past this is not an answer.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+USER_AGENT = f"fetcher/{__version__}"
+
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and effective port: what "same origin" compares."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _Transient(Exception):
+    """Internal: this attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class ApiClient:
+    """Queries tasks; use as ``async with ApiClient(...) as api: await api.query(id)``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float,
+        policy: RetryPolicy,
+        rate: float,
+        concurrency: int,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.origin = origin_of(self.base_url)
+        self._key = api_key
+        self._timeout = timeout
+        self._policy = policy
+        self._limiter = RateLimiter(rate)
+        self._concurrency = concurrency
+        self._client: httpx.AsyncClient | None = None
+        #: Queries actually sent, retries included: what "zero requests" is measured by.
+        self.requests_sent = 0
+
+    async def __aenter__(self) -> Self:
+        self._client = httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT},
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            ),
+            follow_redirects=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def query(self, task_id: str) -> Task:
+        """The task as the API describes it now; raises a :class:`TaskError` subclass or AuthError."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(task_id)
+            except _Transient as exc:
+                if attempt > self._policy.retries:
+                    raise QueryError(
+                        f"query failed after {attempt} attempts: {exc.reason}", task_id=task_id
+                    ) from None
+                await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
+
+    async def _attempt(self, task_id: str) -> Task:
+        status, headers, body = await self._get(task_id)
+        if status in (401, 403):
+            raise AuthError(f"the API rejected the key (HTTP {status}{self._detail(body)})")
+        if status in RETRY_STATUSES:
+            raise _Transient(f"HTTP {status}", parse_retry_after(headers.get("retry-after")))
+        if 300 <= status < 400:
+            raise QueryError(f"the API answered HTTP {status} (redirects are not followed)")
+        if status == 404:
+            try:
+                parse_task(task_id, body)
+            except TaskNotFound:
+                raise
+            except QueryError:
+                pass
+            raise TaskNotFound("unknown task (HTTP 404)", task_id=task_id)
+        if status >= 400:
+            raise QueryError(f"the API answered HTTP {status}{self._detail(body)}", task_id=task_id)
+        try:
+            return parse_task(task_id, body)
+        except ApiErrorCode as exc:
+            if exc.auth:
+                raise AuthError(f"the API rejected the key ({exc.code})") from None
+            if exc.retryable:
+                raise _Transient(exc.code) from None
+            raise
+
+    async def _get(self, task_id: str) -> tuple[int, httpx.Headers, bytes]:
+        assert self._client is not None, "ApiClient used outside 'async with'"
+        await self._limiter.wait()
+        url = self.base_url + QUERY_PATH + quote(task_id, safe="")
+        self.requests_sent += 1
+        try:
+            async with self._client.stream("GET", url) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise ResponseError(
+                            f"response larger than {MAX_RESPONSE_BYTES} bytes", task_id=task_id
+                        )
+                return response.status_code, response.headers, bytes(body)
+        except httpx.TimeoutException as exc:
+            raise _Transient(f"timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+
+    def _detail(self, body: bytes) -> str:
+        """The gateway's own message, if it sent one, with the key blotted out."""
+        try:
+            document = json.loads(body)
+            message = document["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return ""
+        if not isinstance(message, str) or not message.strip():
+            return ""
+        return ": " + message.strip().replace(self._key, "***")[:200]

@@ -1,0 +1,203 @@
+"""The ``fetcher`` command: parse flags, call the core, map errors to exit codes.
+
+This is the only module that reads argv and the environment, prints, or exits;
+everything it does is one call into :mod:`fetcher.pipeline`, :mod:`fetcher.status`
+or :mod:`fetcher.demo`, and one error boundary around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
+
+_SETTING_FLAGS = (
+    "archive",
+    "base_url",
+    "api_key",
+    "concurrency",
+    "downloads",
+    "timeout",
+    "retries",
+    "rate",
+    "max_file_size",
+    "layout",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fetcher",
+        description="Archive AI-generated images and videos from Tencent VOD AIGC tasks "
+        "before their download links expire.",
+    )
+    parser.add_argument("--version", action="version", version=f"fetcher {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="query tasks and archive their files",
+        description="Query each task ID and archive its files and a JSON sidecar.",
+    )
+    fetch.add_argument(
+        "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
+    )
+    fetch.add_argument(
+        "--id", dest="ids", action="append", default=[], metavar="TASK_ID", help="a task ID (repeatable)"
+    )
+    fetch.add_argument(
+        "--pending", action="store_true", help="also re-query every pending task in the archive"
+    )
+    fetch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="ask again about tasks an earlier run recorded as failed or expired",
+    )
+    fetch.add_argument("--dry-run", action="store_true", help="query and report; download nothing")
+    fetch.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _setting_flags(fetch)
+    _output_flags(fetch)
+
+    status = commands.add_parser(
+        "status", help="show what the archive holds", description="Show what the archive holds."
+    )
+    status.add_argument("--json", action="store_true", help="print JSON on stdout")
+    status.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole pipeline against the bundled replica",
+        description="Start a replica of the gateway and file host on loopback, archive "
+        "sample_tasks.txt into a fresh folder, and show the result.",
+    )
+    demo.add_argument("--archive", type=Path, metavar="DIR", help="folder to archive into")
+    _output_flags(demo)
+    return parser
+
+
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flag > FETCHER_<NAME> > config file > default)")
+    group.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    group.add_argument("--base-url", metavar="URL", help="the gateway's origin")
+    group.add_argument("--api-key", metavar="KEY", help="API key (prefer FETCHER_API_KEY)")
+    group.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    group.add_argument("--concurrency", type=int, metavar="N", help="queries in flight")
+    group.add_argument("--downloads", type=int, metavar="N", help="downloads in flight")
+    group.add_argument("--timeout", type=float, metavar="SECONDS", help="network timeout")
+    group.add_argument("--retries", type=int, metavar="N", help="retries per query and file")
+    group.add_argument("--rate", type=float, metavar="PER_SECOND", help="query rate limit")
+    group.add_argument("--max-file-size", type=int, metavar="BYTES", help="largest file accepted")
+    group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("-q", "--quiet", action="store_true", help="only problems")
+    group.add_argument("-v", "--verbose", action="store_true", help="also tasks already archived")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except FetcherError as exc:
+        print(f"fetcher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fetcher: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .config import load_settings
+
+    flags = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    loaded = load_settings(flags, os.environ, getattr(args, "config", None))
+    for warning in loaded.warnings:
+        print(f"fetcher: warning: {warning}", file=sys.stderr)
+    return loaded.settings
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    from .console import BarProgress, LogProgress, setup_logging
+
+    setup_logging(-1 if args.quiet else (1 if args.verbose else 0))
+    if args.no_progress or args.quiet or not sys.stderr.isatty():
+        return LogProgress()
+    return BarProgress()
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .console import summary_line
+    from .ids import IdSource
+    from .pipeline import FetchOptions, fetch_sync
+
+    settings = _settings(args)
+    settings.require_api()
+    if not (args.files or args.ids or args.pending):
+        raise UsageError("nothing to fetch: give FILE, '-' for stdin, --id or --pending")
+    sources = [
+        IdSource.from_stream("<stdin>", sys.stdin.buffer)
+        if name == "-"
+        else IdSource.from_path(Path(name))
+        for name in args.files
+    ]
+    if args.ids:
+        sources.append(IdSource.from_values("--id", args.ids))
+    options = FetchOptions(dry_run=args.dry_run, pending=args.pending, retry_failed=args.retry_failed)
+    with _progress(args) as progress:
+        summary = fetch_sync(settings, sources, options, progress)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    elif not args.quiet:
+        print(summary_line(summary))
+    return summary.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import archive_status
+
+    report = archive_status(_settings(args).archive)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .console import summary_line
+    from .demo import run_demo, tree_lines
+
+    with _progress(args) as progress:
+        result = run_demo(args.archive, progress)
+    print(summary_line(result.summary))
+    print()
+    print("\n".join(tree_lines(result.archive)))
+    if result.sidecar is not None:
+        print()
+        print(f"{result.sidecar.relative_to(result.archive)}:")
+        print(result.sidecar.read_text(encoding="utf-8"), end="")
+    print()
+    print("Point it at the real gateway:")
+    print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
+    print(f"  fetcher fetch task_ids.txt --archive {result.archive}")
+    return 0
+
+
+_COMMANDS = {"fetch": _fetch, "status": _status, "demo": _demo}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

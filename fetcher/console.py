@@ -1,0 +1,152 @@
+"""The terminal edge: tqdm bars when stderr is a terminal, plain log lines otherwise.
+
+Cron mails and CI logs get one readable line per event; people at a terminal
+get three bars (tasks, files, bytes) with the same lines printed above them.
+Only the CLI imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import TracebackType
+from typing import Any, Self, TextIO
+
+from .summary import BAD_OUTCOMES, Outcome, RunSummary, TaskOutcome
+
+log = logging.getLogger("fetcher")
+
+_LEVELS = {
+    Outcome.ALREADY_ARCHIVED: logging.DEBUG,
+    Outcome.ARCHIVED: logging.INFO,
+    Outcome.PENDING: logging.INFO,
+    Outcome.READY: logging.INFO,
+    Outcome.SKIPPED: logging.INFO,
+    Outcome.FAILED: logging.WARNING,
+    Outcome.EXPIRED: logging.WARNING,
+    Outcome.INVALID: logging.WARNING,
+}
+
+
+def setup_logging(verbosity: int, stream: TextIO | None = None) -> None:
+    """``-q`` shows only problems; ``-v`` adds tasks already archived."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = _TqdmAwareHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("fetcher: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+class _TqdmAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes above the bars when they are shown, so lines and bars do not tangle."""
+
+    bars_active = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _TqdmAwareHandler.bars_active:
+            super().emit(record)
+            return
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=self.stream)
+
+
+def describe(outcome: TaskOutcome) -> str:
+    """One line for one task's outcome."""
+    text = f"{outcome.outcome.value:<16} {outcome.task_id}"
+    if outcome.outcome is Outcome.ARCHIVED:
+        return f"{text} ({outcome.files} file{'s' if outcome.files != 1 else ''} in {outcome.folder})"
+    if outcome.reason:
+        return f"{text}: {outcome.reason}"
+    return text
+
+
+class LogProgress:
+    """One log line per task; nothing for bytes and files."""
+
+    def task_done(self, outcome: TaskOutcome) -> None:
+        if outcome.outcome is Outcome.INVALID:
+            return  # already said by message(), with its line number
+        log.log(_LEVELS[outcome.outcome], "%s", describe(outcome))
+
+    def file_queued(self, size: int | None) -> None:
+        pass
+
+    def file_done(self) -> None:
+        pass
+
+    def bytes_received(self, count: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        log.warning("%s", text)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pass
+
+
+class BarProgress(LogProgress):
+    """Tasks, files and bytes as tqdm bars on stderr, log lines above them."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        from tqdm import tqdm
+
+        out = stream or sys.stderr
+        common: dict[str, Any] = {"file": out, "dynamic_ncols": True, "leave": True}
+        self._tasks = tqdm(desc="tasks", unit="task", position=0, **common)
+        self._files = tqdm(desc="files", unit="file", total=0, position=1, **common)
+        self._bytes = tqdm(
+            desc="bytes", unit="B", unit_scale=True, unit_divisor=1024, position=2, **common
+        )
+        _TqdmAwareHandler.bars_active = True
+
+    def task_done(self, outcome: TaskOutcome) -> None:
+        super().task_done(outcome)
+        self._tasks.update(1)
+
+    def file_queued(self, size: int | None) -> None:
+        self._files.total += 1
+        self._files.refresh()
+
+    def file_done(self) -> None:
+        self._files.update(1)
+
+    def bytes_received(self, count: int) -> None:
+        self._bytes.update(count)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for bar in (self._tasks, self._files, self._bytes):
+            bar.close()
+        _TqdmAwareHandler.bars_active = False
+
+
+def summary_line(summary: RunSummary) -> str:
+    """The run in one line: what a cron mail's subject would want to say."""
+    shown = [f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]]
+    files = f"{summary.files_downloaded} files, {_size(summary.bytes_downloaded)} downloaded"
+    bad = sum(summary.counts[o] for o in BAD_OUTCOMES)
+    verdict = "with problems" if bad else "ok"
+    return f"{', '.join(shown) or 'no tasks'}; {files}; {summary.requests} requests; {verdict}"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"

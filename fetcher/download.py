@@ -1,0 +1,321 @@
+"""Downloading one output file into a work file, verified, with resume after a drop.
+
+The file hosts are a different origin from the API, so this module owns a
+separate connection pool that never holds the API key; a ``FileUrl`` pointing
+back at the API's own origin is refused outright. Bytes stream to disk through
+a bounded buffer (memory does not grow with file size) and are hashed on the
+way; a dropped connection resumes from the bytes on disk with ``Range`` and
+``If-Range`` where the host allows it. Nothing here decides where a file ends
+up: the caller renames the verified work file into the archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import mimetypes
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import urlsplit
+
+import aiofiles
+import httpx
+
+from .api import USER_AGENT, origin_of
+from .errors import DownloadError, FileExpired, IntegrityError
+from .models import RemoteFile
+from .retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+
+#: Writes are gathered into blocks this size: fewer thread hand-offs, bounded memory.
+WRITE_BLOCK = 1024 * 1024
+MAX_REDIRECTS = 5
+GONE_STATUSES = frozenset({403, 404, 410})
+_URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
+_PREFERRED_EXTENSIONS = {".jpe": ".jpg", ".jpeg": ".jpg", ".mpga": ".mp3", ".qt": ".mov"}
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """A complete, verified work file and what was learnt about it."""
+
+    path: Path
+    size: int
+    sha256: str
+    content_type: str | None
+    extension: str
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth another attempt."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, restart: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.restart = restart
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What an attempt knows of the work file between attempts."""
+
+    validator: str | None = None
+
+
+class Downloader:
+    """Downloads files; use as ``async with Downloader(...) as d: await d.download(...)``."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        policy: RetryPolicy,
+        max_file_size: int,
+        api_origin: tuple[str, str, int | None] | None,
+        connections: int,
+        on_bytes: BytesCallback | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._policy = policy
+        self._max_size = max_file_size
+        self._api_origin = api_origin
+        self._connections = connections
+        self._on_bytes = on_bytes
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Self:
+        self._client = httpx.AsyncClient(
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(
+                max_connections=self._connections * 2,
+                max_keepalive_connections=self._connections * 2,
+            ),
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def download(self, task_id: str, remote: RemoteFile, work_path: Path) -> Downloaded:
+        """Fetch ``remote`` into ``work_path``; raises a :class:`DownloadError` subclass."""
+        self._check_url(task_id, remote.url)
+        state = _Progress()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(task_id, remote, work_path, state)
+            except _Retry as exc:
+                if exc.restart:
+                    work_path.unlink(missing_ok=True)
+                    state.validator = None
+                if attempt > self._policy.retries:
+                    if exc.restart:
+                        raise IntegrityError(
+                            f"file {remote.index}: {exc.reason} (after {attempt} attempts)",
+                            task_id=task_id,
+                            url=remote.url,
+                        ) from None
+                    raise DownloadError(
+                        f"file {remote.index}: {exc.reason} (after {attempt} attempts)",
+                        task_id=task_id,
+                        url=remote.url,
+                    ) from None
+                await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
+
+    def _check_url(self, task_id: str, url: str) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise DownloadError(f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id)
+        if self._api_origin is not None and origin_of(url) == self._api_origin:
+            raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
+
+    async def _attempt(
+        self, task_id: str, remote: RemoteFile, work_path: Path, state: _Progress
+    ) -> Downloaded:
+        assert self._client is not None, "Downloader used outside 'async with'"
+        have = work_path.stat().st_size if work_path.exists() else 0
+        headers: dict[str, str] = {}
+        if have and state.validator:
+            headers = {"Range": f"bytes={have}-", "If-Range": state.validator}
+        try:
+            async with self._client.stream("GET", remote.url, headers=headers) as response:
+                return await self._receive(task_id, remote, work_path, response, have, state)
+        except httpx.TooManyRedirects as exc:
+            raise DownloadError(
+                f"file {remote.index}: too many redirects", task_id=task_id, url=remote.url
+            ) from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise DownloadError(
+                f"file {remote.index}: redirected to an unsupported URL", task_id=task_id
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise _Retry(f"timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _receive(
+        self,
+        task_id: str,
+        remote: RemoteFile,
+        work_path: Path,
+        response: httpx.Response,
+        have: int,
+        state: _Progress,
+    ) -> Downloaded:
+        status = response.status_code
+        if status in GONE_STATUSES:
+            expired = remote.expire_time is not None and remote.expire_time <= datetime.now(UTC)
+            kind = FileExpired if expired or status == 410 else DownloadError
+            raise kind(
+                f"file {remote.index}: file host answered HTTP {status}",
+                task_id=task_id,
+                url=remote.url,
+            )
+        if status in RETRY_STATUSES:
+            raise _Retry(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
+        if status == 416:
+            raise _Retry("HTTP 416 for a resumed range", restart=True)
+        if status not in (200, 206):
+            raise DownloadError(
+                f"file {remote.index}: file host answered HTTP {status}",
+                task_id=task_id,
+                url=remote.url,
+            )
+        start = _resume_offset(response, have) if status == 206 else 0
+        total = _expected_total(response, start)
+        if total is not None and total > self._max_size:
+            raise DownloadError(
+                f"file {remote.index}: {total} bytes is over the {self._max_size}-byte limit",
+                task_id=task_id,
+            )
+        content_type = _content_type(response)
+        if content_type == "text/html" and remote.file_type not in ("text", "html"):
+            raise _Retry("file host sent an HTML page instead of the file", restart=True)
+        state.validator = response.headers.get("etag") or response.headers.get("last-modified")
+        sha256, md5 = await _seed_hashes(work_path, start)
+        size = await self._stream_to(work_path, response, start, sha256, md5, remote)
+        if total is not None and size != total:
+            raise _Retry(f"body ended after {size} of {total} bytes")
+        if size == 0:
+            raise _Retry("file host sent an empty body", restart=True)
+        if remote.md5 is not None and md5.hexdigest() != remote.md5:
+            raise _Retry("MD5 does not match the API's MetaData.Md5", restart=True)
+        return Downloaded(
+            path=work_path,
+            size=size,
+            sha256=sha256.hexdigest(),
+            content_type=content_type,
+            extension=extension_for(remote.url, content_type),
+        )
+
+    async def _stream_to(
+        self,
+        work_path: Path,
+        response: httpx.Response,
+        start: int,
+        sha256: hashlib._Hash,
+        md5: hashlib._Hash,
+        remote: RemoteFile,
+    ) -> int:
+        size = start
+        block = bytearray()
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+        async with aiofiles.open(work_path, "r+b" if start else "wb") as handle:
+            await handle.seek(start)
+            await handle.truncate()
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self._max_size:
+                    raise DownloadError(
+                        f"file {remote.index}: body passes the {self._max_size}-byte limit"
+                    )
+                sha256.update(chunk)
+                md5.update(chunk)
+                block += chunk
+                if self._on_bytes is not None:
+                    self._on_bytes(len(chunk))
+                if len(block) >= WRITE_BLOCK:
+                    await handle.write(bytes(block))
+                    block.clear()
+            if block:
+                await handle.write(bytes(block))
+            await handle.flush()
+            await asyncio.to_thread(os.fsync, handle.fileno())
+        return size
+
+
+class BytesCallback:
+    """Called with each chunk's length; lets the edge draw a bytes progress bar."""
+
+    def __call__(self, count: int) -> None:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+def _resume_offset(response: httpx.Response, have: int) -> int:
+    """Where a 206 body starts; anything but the bytes we have means start over."""
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("content-range", ""))
+    if match is None or int(match.group(1)) != have:
+        raise _Retry("file host sent an unexpected range", restart=True)
+    return have
+
+
+def _expected_total(response: httpx.Response, start: int) -> int | None:
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    length = response.headers.get("content-length")
+    if length is None or not length.isdigit():
+        return None
+    return start + int(length)
+
+
+def _content_type(response: httpx.Response) -> str | None:
+    value = response.headers.get("content-type")
+    if not value:
+        return None
+    return value.split(";", 1)[0].strip().lower() or None
+
+
+async def _seed_hashes(work_path: Path, start: int) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """Hashers primed with the bytes already on disk, so a resumed file hashes whole."""
+    sha256 = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False)
+    if start:
+        async with aiofiles.open(work_path, "rb") as handle:
+            remaining = start
+            while remaining:
+                chunk = await handle.read(min(WRITE_BLOCK, remaining))
+                if not chunk:
+                    raise _Retry("work file shorter than expected", restart=True)
+                sha256.update(chunk)
+                md5.update(chunk)
+                remaining -= len(chunk)
+    return sha256, md5
+
+
+def extension_for(url: str, content_type: str | None) -> str:
+    """A file extension from the URL's path, else from the Content-Type, else ``.bin``."""
+    match = _URL_EXTENSION.search(urlsplit(url).path)
+    if match:
+        ext = "." + match.group(1).lower()
+    elif content_type and (guessed := mimetypes.guess_extension(content_type)):
+        ext = guessed
+    else:
+        ext = ".bin"
+    return _PREFERRED_EXTENSIONS.get(ext, ext)

@@ -1,0 +1,358 @@
+"""One ``fetch`` run: IDs in, queries out, files down, everything committed in order.
+
+IDs stream from their sources in batches; tasks already archived are settled
+from the database without a request. The rest go through a bounded queue to
+``concurrency`` query workers. A finished task's files go into a bounded
+priority queue ordered by ``ExpireTime``, so a file about to expire is never
+stuck behind a backlog, and ``downloads`` workers take from it.
+
+The order of a commit is the design: stream to a work file, verify, rename into
+place, record the file; when the task's last file is in place, write the
+sidecar, then mark the task archived. The archived row is the commit point;
+anything a crash interrupts before it is redone on the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+
+from .api import ApiClient
+from .archive import Archive, archive_error
+from .config import Settings
+from .download import Downloader
+from .errors import FetcherError, FileExpired, TaskError
+from .ids import IdSource, InvalidId, iter_entries
+from .layout import Layout, LayoutFields
+from .models import RemoteFile, Task, TaskState
+from .progress import NullProgress, Progress
+from .retry import RetryPolicy
+from .sidecar import build_sidecar
+from .state import ARCHIVED, EXPIRED, FAILED, StateDB
+from .summary import Outcome, RunSummary, TaskOutcome
+
+#: Lines pulled from the sources per hand-off from the reading thread.
+FEED_BATCH = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    """Per-run choices that are not settings."""
+
+    dry_run: bool = False
+    #: Also re-query every task the archive holds as pending or incomplete.
+    pending: bool = False
+    #: Ask again about tasks whose failure was final (failed, unknown, expired).
+    retry_failed: bool = False
+
+
+@dataclass(slots=True)
+class _TaskJob:
+    """A finished task whose files are on their way; done when ``remaining`` is 0."""
+
+    task: Task
+    folder: str
+    remaining: int
+    problems: list[str] = field(default_factory=list)
+    expired: int = 0
+
+
+@dataclass(order=True, slots=True)
+class _FileJob:
+    """A download-queue entry; earliest expiry first, then arrival order."""
+
+    expires: float
+    seq: int
+    job: _TaskJob | None = field(compare=False, default=None)
+    remote: RemoteFile | None = field(compare=False, default=None)
+
+
+def fetch_sync(
+    settings: Settings,
+    sources: Iterable[IdSource],
+    options: FetchOptions | None = None,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Run :func:`fetch` to completion from synchronous code."""
+    return asyncio.run(fetch(settings, sources, options, progress))
+
+
+async def fetch(
+    settings: Settings,
+    sources: Iterable[IdSource],
+    options: FetchOptions | None = None,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Archive every task named in ``sources``; returns what happened to each.
+
+    Raises :class:`~fetcher.errors.FetcherError` subclasses only for what stops the
+    whole run (bad settings, rejected key, locked or unwritable archive); a task's
+    own trouble is its outcome in the summary.
+    """
+    settings.require_api()
+    layout = Layout(settings.layout)
+    archive = Archive(settings.archive)
+    archive.prepare()
+    with archive.lock():
+        archive.clean_work()
+        with StateDB(archive.db_path) as db:
+            run = _Run(settings, options or FetchOptions(), progress or NullProgress(), archive, db, layout)
+            return await run.execute(sources)
+
+
+class _Run:
+    """The state of one run; lives exactly as long as :func:`fetch`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: FetchOptions,
+        progress: Progress,
+        archive: Archive,
+        db: StateDB,
+        layout: Layout,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.progress = progress
+        self.archive = archive
+        self.db = db
+        self.layout = layout
+        self.summary = RunSummary()
+        self._seq = itertools.count()
+
+    async def execute(self, sources: Iterable[IdSource]) -> RunSummary:
+        base_url, api_key = self.settings.require_api()
+        policy = RetryPolicy(retries=self.settings.retries)
+        api = ApiClient(
+            base_url,
+            api_key,
+            timeout=self.settings.timeout,
+            policy=policy,
+            rate=self.settings.rate,
+            concurrency=self.settings.concurrency,
+        )
+        downloader = Downloader(
+            timeout=self.settings.timeout,
+            policy=policy,
+            max_file_size=self.settings.max_file_size,
+            api_origin=api.origin,
+            connections=self.settings.downloads,
+            on_bytes=self.progress.bytes_received,
+        )
+        try:
+            async with api, downloader:
+                await self._workers(api, downloader, sources)
+        except BaseExceptionGroup as group:
+            raise _first_fatal(group) from None
+        finally:
+            self.summary.requests = api.requests_sent
+        return self.summary
+
+    async def _workers(self, api: ApiClient, downloader: Downloader, sources: Iterable[IdSource]) -> None:
+        n_queries, n_downloads = self.settings.concurrency, self.settings.downloads
+        queries: asyncio.Queue[str | None] = asyncio.Queue(maxsize=n_queries * 4)
+        files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._feed(sources, queries, n_queries))
+            querying = [
+                group.create_task(self._query_worker(api, queries, files)) for _ in range(n_queries)
+            ]
+            for _ in range(n_downloads):
+                group.create_task(self._download_worker(downloader, files))
+            await asyncio.wait(querying)
+            for _ in range(n_downloads):
+                await files.put(_FileJob(math.inf, next(self._seq)))
+
+    # -- input --------------------------------------------------------------------------
+
+    async def _feed(
+        self, sources: Iterable[IdSource], queries: asyncio.Queue[str | None], workers: int
+    ) -> None:
+        entries = iter_entries(sources)
+        while batch := await asyncio.to_thread(_take, entries, FEED_BATCH):
+            ids: list[str] = []
+            for entry in batch:
+                if isinstance(entry, InvalidId):
+                    self.progress.message(str(entry))
+                    self._outcome(TaskOutcome(entry.text, Outcome.INVALID, str(entry)))
+                else:
+                    ids.append(entry)
+            await self._admit(ids, queries)
+        if self.options.pending:
+            await self._admit(self.db.unfinished_ids(), queries)
+        for _ in range(workers):
+            await queries.put(None)
+
+    async def _admit(self, ids: list[str], queries: asyncio.Queue[str | None]) -> None:
+        """Settle what the database already knows; queue the rest for a query."""
+        fresh, known = self.db.first_sight(ids)
+        for task_id in fresh:
+            state = known.get(task_id)
+            if state is not None and state.state == ARCHIVED:
+                self._outcome(TaskOutcome(task_id, Outcome.ALREADY_ARCHIVED))
+            elif state is not None and state.final and not self.options.retry_failed:
+                reason = f"{state.state} in an earlier run: {state.reason}"
+                self._outcome(TaskOutcome(task_id, Outcome.SKIPPED, reason))
+            else:
+                await queries.put(task_id)
+
+    # -- queries ------------------------------------------------------------------------
+
+    async def _query_worker(
+        self,
+        api: ApiClient,
+        queries: asyncio.Queue[str | None],
+        files: asyncio.PriorityQueue[_FileJob],
+    ) -> None:
+        while (task_id := await queries.get()) is not None:
+            try:
+                task = await api.query(task_id)
+            except TaskError as exc:
+                self._settle_failure(task_id, str(exc), final=exc.final)
+                continue
+            await self._dispatch(task, files)
+
+    async def _dispatch(self, task: Task, files: asyncio.PriorityQueue[_FileJob]) -> None:
+        dry = self.options.dry_run
+        if task.state is TaskState.PENDING:
+            if not dry:
+                self.db.record_pending(task)
+            reason = f"status {task.status or 'unknown'} at the API"
+            self._outcome(TaskOutcome(task.task_id, Outcome.PENDING, reason))
+        elif task.state is TaskState.FAILED:
+            self._settle_failure(task.task_id, task.failure or "task failed", final=True)
+        elif dry:
+            self._outcome(TaskOutcome(task.task_id, Outcome.READY, files=len(task.files)))
+        else:
+            await self._queue_files(task, files)
+
+    async def _queue_files(self, task: Task, files: asyncio.PriorityQueue[_FileJob]) -> None:
+        wanted = str(self.layout.render(_layout_fields(task)))
+        folder, done = self.db.start_task(task, wanted)
+        job = _TaskJob(task, folder, remaining=len(task.files))
+        now = datetime.now(UTC)
+        for remote in task.files:
+            kept = done.get(remote.index)
+            if kept is not None and kept.path and (self.archive.root / kept.path).is_file():
+                job.remaining -= 1
+            elif remote.expire_time is not None and remote.expire_time <= now:
+                self._file_problem(job, remote, f"file {remote.index}: expired", expired=True)
+            else:
+                self.progress.file_queued(remote.size)
+                expires = remote.expire_time.timestamp() if remote.expire_time else math.inf
+                await files.put(_FileJob(expires, next(self._seq), job, remote))
+        if job.remaining == 0:
+            self._finish(job)
+
+    # -- downloads ----------------------------------------------------------------------
+
+    async def _download_worker(
+        self, downloader: Downloader, files: asyncio.PriorityQueue[_FileJob]
+    ) -> None:
+        while (item := await files.get()).job is not None:
+            job, remote = item.job, item.remote
+            assert remote is not None
+            await self._download_one(downloader, job, remote)
+            self.progress.file_done()
+            if job.remaining == 0:
+                self._finish(job)
+
+    async def _download_one(self, downloader: Downloader, job: _TaskJob, remote: RemoteFile) -> None:
+        task_id = job.task.task_id
+        if remote.expire_time is not None and remote.expire_time <= datetime.now(UTC):
+            self._file_problem(job, remote, f"file {remote.index}: expired before download", expired=True)
+            return
+        work = self.archive.work_path(task_id, remote.index)
+        try:
+            got = await downloader.download(task_id, remote, work)
+        except FileExpired as exc:
+            self._file_problem(job, remote, str(exc), expired=True)
+            return
+        except TaskError as exc:
+            self._file_problem(job, remote, str(exc), expired=False)
+            return
+        except OSError as exc:
+            raise archive_error(exc, work) from exc
+        relative = PurePosixPath(job.folder) / f"{remote.index:02d}{got.extension}"
+        self.archive.place(got.path, relative)
+        self.db.file_done(
+            task_id,
+            remote.index,
+            path=str(relative),
+            size=got.size,
+            sha256=got.sha256,
+            content_type=got.content_type,
+        )
+        self.summary.files_downloaded += 1
+        self.summary.bytes_downloaded += got.size
+        job.remaining -= 1
+
+    def _file_problem(self, job: _TaskJob, remote: RemoteFile, reason: str, *, expired: bool) -> None:
+        state = EXPIRED if expired else FAILED
+        self.db.file_failed(job.task.task_id, remote.index, state=state, reason=reason)
+        job.problems.append(reason)
+        job.expired += expired
+        job.remaining -= 1
+
+    def _finish(self, job: _TaskJob) -> None:
+        """Every file of the task is settled: write the sidecar, then commit."""
+        task_id = job.task.task_id
+        rows = self.db.files_of(task_id)
+        count = sum(1 for r in rows if r.state == "done")
+        if count:
+            self.archive.write_sidecar(
+                PurePosixPath(job.folder), build_sidecar(job.task, rows, job.folder)
+            )
+        if not job.problems:
+            self.db.mark_archived(task_id)
+            self._outcome(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=job.folder))
+            return
+        reason = "; ".join(job.problems)
+        all_expired = job.expired == len(job.problems)
+        self.db.record_failure(task_id, reason, final=all_expired, state=EXPIRED if all_expired else FAILED)
+        outcome = Outcome.EXPIRED if all_expired else Outcome.FAILED
+        self._outcome(TaskOutcome(task_id, outcome, reason, files=count, folder=job.folder))
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _settle_failure(self, task_id: str, reason: str, *, final: bool) -> None:
+        if not self.options.dry_run:
+            self.db.record_failure(task_id, reason, final=final)
+        self._outcome(TaskOutcome(task_id, Outcome.FAILED, reason))
+
+    def _outcome(self, outcome: TaskOutcome) -> None:
+        self.summary.add(outcome)
+        self.progress.task_done(outcome)
+
+
+def _layout_fields(task: Task) -> LayoutFields:
+    return LayoutFields(
+        task_id=task.task_id,
+        task_type=task.task_type,
+        model_name=task.model_name,
+        model_version=task.model_version,
+        created=task.created,
+        finished=task.finished,
+    )
+
+
+def _take(entries: Iterator[str | InvalidId], count: int) -> list[str | InvalidId]:
+    return list(itertools.islice(entries, count))
+
+
+def _first_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that stopped the run; a group of bugs stays a group, traceback and all."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _first_fatal(exc)
+            if isinstance(inner, FetcherError):
+                return inner
+        elif isinstance(exc, FetcherError):
+            return exc
+    return group

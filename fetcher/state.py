@@ -1,0 +1,367 @@
+"""The archive's memory: an SQLite database (WAL) inside the archive root.
+
+A task row says where a task stands; a file row says whether one output file is
+in place. A row that says ``archived`` is the commit point of the whole
+pipeline: it is written only after every file is renamed into place and the
+sidecar is written, so anything a crash interrupts before it is simply redone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from .errors import ArchiveError
+from .models import RemoteFile, Task, format_time
+
+SCHEMA_VERSION = 1
+#: Keeps ``IN (...)`` lists well under SQLite's variable limit.
+BATCH = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,      -- pending | incomplete | archived | failed | expired
+    final       INTEGER NOT NULL DEFAULT 0,  -- 1: the API's answer will not change
+    task_type   TEXT,
+    created_at  TEXT,
+    finished_at TEXT,
+    dir         TEXT,               -- the task's folder, relative to the archive root
+    reason      TEXT,
+    first_seen  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state);
+CREATE TABLE IF NOT EXISTS files (
+    task_id      TEXT NOT NULL REFERENCES tasks (task_id),
+    idx          INTEGER NOT NULL,
+    url          TEXT NOT NULL,
+    expire_time  TEXT,
+    md5          TEXT,
+    state        TEXT NOT NULL,     -- wanted | done | failed | expired
+    path         TEXT,              -- relative to the archive root, once done
+    size         INTEGER,
+    sha256       TEXT,
+    content_type TEXT,
+    reason       TEXT,
+    PRIMARY KEY (task_id, idx)
+);
+"""
+
+#: Task states.
+PENDING = "pending"
+INCOMPLETE = "incomplete"
+ARCHIVED = "archived"
+FAILED = "failed"
+EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the database already knows of a task named in the input."""
+
+    state: str
+    final: bool
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    """A file row, as the pipeline and ``status``/``verify`` read it."""
+
+    task_id: str
+    index: int
+    url: str
+    expire_time: str | None
+    md5: str | None
+    state: str
+    path: str | None
+    size: int | None
+    sha256: str | None
+    content_type: str | None
+    reason: str | None
+
+
+def now_text() -> str:
+    text = format_time(datetime.now(UTC))
+    assert text is not None
+    return text
+
+
+class StateDB:
+    """The state database; a context manager that owns one connection."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self._readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            if self._readonly:
+                conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+                conn.execute("CREATE TEMP TABLE seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot open state database {str(self.path)!r}: {exc}") from exc
+        self._conn = conn
+        self._check_schema()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "StateDB used outside 'with'"
+        return self._conn
+
+    def _check_schema(self) -> None:
+        row = self._query_one("SELECT value FROM meta WHERE key = 'schema_version'")
+        version = int(row[0]) if row else SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise ArchiveError(
+                f"state database {str(self.path)!r} has schema {version}; "
+                f"this fetcher knows up to {SCHEMA_VERSION}: upgrade fetcher"
+            )
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: all of it lands, or none of it does."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+
+    def _query_one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+        try:
+            row: tuple[object, ...] | None = self.conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+        return row
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+
+    # -- input ------------------------------------------------------------------------
+
+    def first_sight(self, ids: Sequence[str]) -> tuple[list[str], dict[str, Known]]:
+        """Of ``ids``, those not seen before in this run, and what is known of them.
+
+        Duplicates are dropped against a temporary table rather than a Python set,
+        so a list of millions of IDs does not grow the process.
+        """
+        fresh: list[str] = []
+        known: dict[str, Known] = {}
+        for start in range(0, len(ids), BATCH):
+            chunk = list(dict.fromkeys(ids[start : start + BATCH]))
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT task_id FROM seen WHERE task_id IN ({marks})"  # noqa: S608
+            seen = {r[0] for r in self._query(sql, chunk)}
+            chunk = [i for i in chunk if i not in seen]
+            if not chunk:
+                continue
+            marks = ",".join("?" * len(chunk))
+            with self.atomic() as conn:
+                conn.executemany("INSERT INTO seen VALUES (?)", ((i,) for i in chunk))
+            for task_id, state, final, reason in self._query(
+                f"SELECT task_id, state, final, reason FROM tasks WHERE task_id IN ({marks})",  # noqa: S608
+                chunk,
+            ):
+                known[str(task_id)] = Known(str(state), bool(final), _opt(reason))
+            fresh.extend(chunk)
+        return fresh, known
+
+    def unfinished_ids(self) -> list[str]:
+        """Tasks a ``--pending`` run re-queries: still running, or interrupted mid-download."""
+        rows = self._query(
+            "SELECT task_id FROM tasks WHERE state IN (?, ?) ORDER BY first_seen",
+            (PENDING, INCOMPLETE),
+        )
+        return [str(r[0]) for r in rows]
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _upsert_task(self, conn: sqlite3.Connection, task_id: str, **cols: object) -> None:
+        stamp = now_text()
+        names = list(cols)
+        conn.execute(
+            f"INSERT INTO tasks (task_id, first_seen, updated_at, {', '.join(names)}) "  # noqa: S608
+            f"VALUES (?, ?, ?, {', '.join('?' * len(names))}) "
+            f"ON CONFLICT (task_id) DO UPDATE SET updated_at = excluded.updated_at, "
+            + ", ".join(f"{n} = excluded.{n}" for n in names),
+            (task_id, stamp, stamp, *cols.values()),
+        )
+
+    def record_pending(self, task: Task) -> None:
+        with self.atomic() as conn:
+            self._upsert_task(
+                conn,
+                task.task_id,
+                state=PENDING,
+                final=0,
+                task_type=task.task_type,
+                created_at=format_time(task.created),
+                reason=f"status {task.status or 'unknown'}",
+            )
+
+    def record_failure(self, task_id: str, reason: str, *, final: bool, state: str = FAILED) -> None:
+        with self.atomic() as conn:
+            self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
+
+    def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]]:
+        """Record a finished task's files.
+
+        Returns the task's folder (the one recorded first wins, so files placed by
+        an earlier run never move) and the file rows already done.
+        """
+        with self.atomic() as conn:
+            row = conn.execute("SELECT dir FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+            folder = row[0] if row and row[0] else folder
+            self._upsert_task(
+                conn,
+                task.task_id,
+                state=INCOMPLETE,
+                final=0,
+                task_type=task.task_type,
+                created_at=format_time(task.created),
+                finished_at=format_time(task.finished),
+                dir=folder,
+                reason=None,
+            )
+            for remote in task.files:
+                self._upsert_file(conn, task.task_id, remote)
+        return folder, {r.index: r for r in self.files_of(task.task_id) if r.state == "done"}
+
+    def _upsert_file(self, conn: sqlite3.Connection, task_id: str, remote: RemoteFile) -> None:
+        conn.execute(
+            "INSERT INTO files (task_id, idx, url, expire_time, md5, state) "
+            "VALUES (?, ?, ?, ?, ?, 'wanted') "
+            "ON CONFLICT (task_id, idx) DO UPDATE SET url = excluded.url, "
+            "expire_time = excluded.expire_time, md5 = excluded.md5, "
+            "state = CASE WHEN state = 'done' THEN 'done' ELSE 'wanted' END",
+            (task_id, remote.index, remote.url, format_time(remote.expire_time), remote.md5),
+        )
+
+    def task_folder(self, task_id: str) -> str | None:
+        row = self._query_one("SELECT dir FROM tasks WHERE task_id = ?", (task_id,))
+        return str(row[0]) if row and row[0] else None
+
+    def file_done(
+        self, task_id: str, index: int, *, path: str, size: int, sha256: str, content_type: str | None
+    ) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE files SET state = 'done', path = ?, size = ?, sha256 = ?, "
+                "content_type = ?, reason = NULL WHERE task_id = ? AND idx = ?",
+                (path, size, sha256, content_type, task_id, index),
+            )
+
+    def file_failed(self, task_id: str, index: int, *, state: str, reason: str) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE files SET state = ?, reason = ? WHERE task_id = ? AND idx = ?",
+                (state, reason, task_id, index),
+            )
+
+    def mark_archived(self, task_id: str) -> None:
+        """The commit point: only after every file is in place and the sidecar written."""
+        with self.atomic() as conn:
+            self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def files_of(self, task_id: str) -> list[FileRow]:
+        return [_file_row(r) for r in self._query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))]
+
+    def all_done_files(self) -> Iterable[FileRow]:
+        return [_file_row(r) for r in self._query(_FILE_SELECT + " WHERE state = 'done' ORDER BY task_id, idx")]
+
+    def totals(self) -> tuple[int, int]:
+        """Files in place and their bytes."""
+        row = self._query_one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state = 'done'")
+        assert row is not None
+        return int(str(row[0])), int(str(row[1]))
+
+    def counts(self) -> dict[str, int]:
+        return {str(s): int(str(n)) for s, n in self._query("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
+
+    def tasks_in(self, states: Sequence[str], order: str = "first_seen") -> list[tuple[object, ...]]:
+        marks = ",".join("?" * len(states))
+        return self._query(
+            "SELECT task_id, state, task_type, created_at, first_seen, updated_at, reason "  # noqa: S608
+            f"FROM tasks WHERE state IN ({marks}) ORDER BY {order}",
+            tuple(states),
+        )
+
+    def files_not_done(self, limit: int) -> list[FileRow]:
+        return [
+            _file_row(r)
+            for r in self._query(
+                _FILE_SELECT + " WHERE state != 'done' AND expire_time IS NOT NULL "
+                "ORDER BY expire_time LIMIT ?",
+                (limit,),
+            )
+        ]
+
+
+_FILE_SELECT = (
+    "SELECT task_id, idx, url, expire_time, md5, state, path, size, sha256, content_type, reason "
+    "FROM files"
+)
+
+
+def _file_row(row: tuple[object, ...]) -> FileRow:
+    task_id, idx, url, expire, md5, state, path, size, sha256, ctype, reason = row
+    return FileRow(
+        task_id=str(task_id),
+        index=int(str(idx)),
+        url=str(url),
+        expire_time=_opt(expire),
+        md5=_opt(md5),
+        state=str(state),
+        path=_opt(path),
+        size=None if size is None else int(str(size)),
+        sha256=_opt(sha256),
+        content_type=_opt(ctype),
+        reason=_opt(reason),
+    )
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,128 @@
+"""What an archive holds, read from its state database without taking the lock.
+
+WAL lets this read while a fetch run writes, so ``fetcher status`` works during
+a long cron run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .archive import Archive
+from .errors import UsageError
+from .models import parse_time
+from .state import ARCHIVED, EXPIRED, FAILED, INCOMPLETE, PENDING, StateDB
+
+#: Tasks can be queried only for about this long after submission.
+QUERY_WINDOW = timedelta(days=3)
+LIST_LIMIT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """Counts, the tasks that need attention, and the files at risk."""
+
+    archive: str
+    counts: dict[str, int]
+    files_archived: int
+    bytes_archived: int
+    pending: list[dict[str, Any]]
+    expiring: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "archive": self.archive,
+            "counts": self.counts,
+            "files_archived": self.files_archived,
+            "bytes_archived": self.bytes_archived,
+            "pending": self.pending,
+            "expiring": self.expiring,
+            "failures": self.failures,
+        }
+
+    def lines(self) -> list[str]:
+        out = [f"archive: {self.archive}"]
+        out.append(
+            "tasks: " + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in _STATES)
+            + f"; {self.files_archived} files, {self.bytes_archived} bytes archived"
+        )
+        if self.pending:
+            out.append("pending (oldest first):")
+            out += [
+                f"  {p['task_id']}  {p['state']}, first seen {p['first_seen']}, "
+                f"{_left(p['queryable_for_seconds'], 'queryable')}"
+                for p in self.pending
+            ]
+        if self.expiring:
+            out.append("files not yet downloaded, nearest expiry first:")
+            out += [
+                f"  {f['task_id']} file {f['index']}  expires {f['expire_time']}"
+                f" ({_left(f['expires_in_seconds'], 'left')})"
+                for f in self.expiring
+            ]
+        if self.failures:
+            out.append("failures:")
+            out += [f"  {f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures]
+        return out
+
+
+_STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+
+
+def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
+    """Build the report for the archive at ``root``; a usage error if there is none."""
+    archive = Archive(root)
+    if not archive.exists():
+        raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
+    now = now or datetime.now(UTC)
+    with StateDB(archive.db_path, readonly=True) as db:
+        counts = db.counts()
+        files, size = db.totals()
+        pending = [
+            _pending_entry(row, now) for row in db.tasks_in((PENDING, INCOMPLETE))[:LIST_LIMIT]
+        ]
+        expiring = [
+            {
+                "task_id": row.task_id,
+                "index": row.index,
+                "expire_time": row.expire_time,
+                "expires_in_seconds": _seconds_until(parse_time(row.expire_time), now),
+            }
+            for row in db.files_not_done(LIST_LIMIT)
+        ]
+        failures = [
+            {"task_id": str(r[0]), "state": str(r[1]), "reason": r[6]}
+            for r in db.tasks_in((FAILED, EXPIRED), order="updated_at DESC")[:LIST_LIMIT]
+        ]
+    return StatusReport(str(archive.root), counts, files, size, pending, expiring, failures)
+
+
+def _pending_entry(row: tuple[object, ...], now: datetime) -> dict[str, Any]:
+    task_id, state, task_type, created_at, first_seen, _updated, reason = row
+    since = parse_time(created_at) or parse_time(first_seen)
+    return {
+        "task_id": str(task_id),
+        "state": str(state),
+        "task_type": task_type,
+        "created_at": created_at,
+        "first_seen": first_seen,
+        "reason": reason,
+        "queryable_for_seconds": _seconds_until(since + QUERY_WINDOW if since else None, now),
+    }
+
+
+def _seconds_until(moment: datetime | None, now: datetime) -> int | None:
+    return None if moment is None else int((moment - now).total_seconds())
+
+
+def _left(seconds: int | None, word: str) -> str:
+    if seconds is None:
+        return f"{word}: unknown"
+    if seconds <= 0:
+        return f"{word}: no longer"
+    hours, rest = divmod(seconds, 3600)
+    return f"{word} for {hours}h{rest // 60:02d}m"

@@ -1,0 +1,86 @@
+"""What a run did: one outcome per task it acted on, and the totals.
+
+Tasks that were already archived are counted but not listed, so the summary of
+a cron run over a million-line list stays small.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EXIT_FAILED, EXIT_OK
+
+
+class Outcome(enum.StrEnum):
+    """Where a task ended up in this run."""
+
+    ARCHIVED = "archived"
+    ALREADY_ARCHIVED = "already_archived"
+    PENDING = "pending"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    INVALID = "invalid"
+    #: Failed in an earlier run with an answer that will not change; not asked again.
+    SKIPPED = "skipped"
+    #: ``--dry-run``: finished at the API, would have been downloaded.
+    READY = "ready"
+
+
+#: Outcomes that make the run exit 1: something could not be archived.
+BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.EXPIRED, Outcome.INVALID})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """One task's outcome, with the reason when it is not plain success."""
+
+    task_id: str
+    outcome: Outcome
+    reason: str | None = None
+    files: int = 0
+    folder: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"task_id": self.task_id, "outcome": self.outcome.value}
+        if self.reason is not None:
+            data["reason"] = self.reason
+        if self.files:
+            data["files"] = self.files
+        if self.folder is not None:
+            data["folder"] = self.folder
+        return data
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """Totals and listed outcomes of one ``fetch`` run."""
+
+    counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    tasks: list[TaskOutcome] = field(default_factory=list)
+    files_downloaded: int = 0
+    bytes_downloaded: int = 0
+    requests: int = 0
+    interrupted: bool = False
+
+    def add(self, outcome: TaskOutcome) -> None:
+        self.counts[outcome.outcome] += 1
+        if outcome.outcome is not Outcome.ALREADY_ARCHIVED:
+            self.tasks.append(outcome)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if any(self.counts[o] for o in BAD_OUTCOMES) else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {o.value: self.counts[o] for o in Outcome}
+        data.update(
+            files_downloaded=self.files_downloaded,
+            bytes_downloaded=self.bytes_downloaded,
+            requests=self.requests,
+            interrupted=self.interrupted,
+            exit_code=self.exit_code,
+            tasks=[t.to_json() for t in self.tasks],
+        )
+        return data
