@@ -1,4 +1,4 @@
-"""fetcher: archive AI-generated images and videos from Tencent VOD AIGC tasks before their links die.
+"""fetcher: archive AIGC images and videos from Tencent VOD tasks before their links die.
 
 The command line is a thin shell over :func:`fetcher.fetch`; library callers use
 the same function. Names are imported lazily so ``fetcher --help`` stays fast.
@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["FetchOptions", "IdSource", "RunSummary", "Settings", "__version__", "fetch", "fetch_sync"]
+__all__ = [
+    "FetchOptions",
+    "IdSource",
+    "RunSummary",
+    "Settings",
+    "__version__",
+    "fetch",
+    "fetch_sync",
+]
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -91,7 +91,7 @@ class ApiClient:
             self._client = None
 
     async def query(self, task_id: str) -> Task:
-        """The task as the API describes it now; raises a :class:`TaskError` subclass or AuthError."""
+        """The task as the API describes it now; raises TaskError subclasses or AuthError."""
         attempt = 0
         while True:
             attempt += 1

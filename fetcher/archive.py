@@ -89,7 +89,7 @@ class Archive:
         target = self.resolve(relative)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(work_file, target)
+            work_file.replace(target)
             _fsync_dir(target.parent)
         except OSError as exc:
             raise archive_error(exc, target) from exc
@@ -106,7 +106,7 @@ class Archive:
                 handle.flush()
                 os.fsync(handle.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, target)
+            temp.replace(target)
             _fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)

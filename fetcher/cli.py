@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
+from .errors import EXIT_SIGINT, FetcherError, UsageError
 
 _SETTING_FLAGS = (
     "archive",
@@ -26,6 +26,7 @@ _SETTING_FLAGS = (
     "downloads",
     "timeout",
     "retries",
+    "retry_wait",
     "rate",
     "max_file_size",
     "layout",
@@ -50,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
     )
     fetch.add_argument(
-        "--id", dest="ids", action="append", default=[], metavar="TASK_ID", help="a task ID (repeatable)"
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="TASK_ID",
+        help="a task ID (repeatable)",
     )
     fetch.add_argument(
         "--pending", action="store_true", help="also re-query every pending task in the archive"
@@ -93,6 +99,9 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--downloads", type=int, metavar="N", help="downloads in flight")
     group.add_argument("--timeout", type=float, metavar="SECONDS", help="network timeout")
     group.add_argument("--retries", type=int, metavar="N", help="retries per query and file")
+    group.add_argument(
+        "--retry-wait", type=float, metavar="SECONDS", help="first backoff delay (doubles each try)"
+    )
     group.add_argument("--rate", type=float, metavar="PER_SECOND", help="query rate limit")
     group.add_argument("--max-file-size", type=int, metavar="BYTES", help="largest file accepted")
     group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
@@ -155,7 +164,9 @@ def _fetch(args: argparse.Namespace) -> int:
     ]
     if args.ids:
         sources.append(IdSource.from_values("--id", args.ids))
-    options = FetchOptions(dry_run=args.dry_run, pending=args.pending, retry_failed=args.retry_failed)
+    options = FetchOptions(
+        dry_run=args.dry_run, pending=args.pending, retry_failed=args.retry_failed
+    )
     with _progress(args) as progress:
         summary = fetch_sync(settings, sources, options, progress)
     if args.json:

@@ -6,7 +6,6 @@ No other module reads the environment or the config file: the CLI calls
 
 from __future__ import annotations
 
-import os
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_DOWNLOADS = 4
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 5
+DEFAULT_RETRY_WAIT = 0.5
 DEFAULT_RATE = 50.0
 DEFAULT_MAX_FILE_SIZE = 16 * 1024**3
 
@@ -49,6 +49,7 @@ class Settings:
     downloads: int = DEFAULT_DOWNLOADS
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
+    retry_wait: float = DEFAULT_RETRY_WAIT
     rate: float = DEFAULT_RATE
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     layout: str = DEFAULT_LAYOUT
@@ -144,7 +145,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     label = f"setting {name!r}"
     try:
         if name == "archive":
-            return Path(os.path.expanduser(str(value)))
+            return Path(str(value)).expanduser()
         if kind is bool or isinstance(value, bool):
             raise TypeError
         if name in ("base_url", "api_key", "layout"):
@@ -169,7 +170,7 @@ def _validate(settings: Settings) -> None:
     ):
         if getattr(settings, name) < low:
             raise ConfigError(f"setting {name!r} must be at least {low}")
-    for name in ("timeout", "rate"):
+    for name in ("timeout", "rate", "retry_wait"):
         if not getattr(settings, name) > 0:
             raise ConfigError(f"setting {name!r} must be greater than 0")
     if settings.base_url:

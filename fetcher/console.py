@@ -56,7 +56,9 @@ def describe(outcome: TaskOutcome) -> str:
     """One line for one task's outcome."""
     text = f"{outcome.outcome.value:<16} {outcome.task_id}"
     if outcome.outcome is Outcome.ARCHIVED:
-        return f"{text} ({outcome.files} file{'s' if outcome.files != 1 else ''} in {outcome.folder})"
+        return (
+            f"{text} ({outcome.files} file{'s' if outcome.files != 1 else ''} in {outcome.folder})"
+        )
     if outcome.reason:
         return f"{text}: {outcome.reason}"
     return text
@@ -136,7 +138,9 @@ class BarProgress(LogProgress):
 
 def summary_line(summary: RunSummary) -> str:
     """The run in one line: what a cron mail's subject would want to say."""
-    shown = [f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]]
+    shown = [
+        f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]
+    ]
     files = f"{summary.files_downloaded} files, {_size(summary.bytes_downloaded)} downloaded"
     bad = sum(summary.counts[o] for o in BAD_OUTCOMES)
     verdict = "with problems" if bad else "ok"

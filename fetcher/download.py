@@ -16,6 +16,7 @@ import hashlib
 import mimetypes
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,8 @@ WRITE_BLOCK = 1024 * 1024
 MAX_REDIRECTS = 5
 GONE_STATUSES = frozenset({403, 404, 410})
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
+#: Called with each chunk's length, so the edge can draw a bytes bar.
+BytesCallback = Callable[[int], None]
 _PREFERRED_EXTENSIONS = {".jpe": ".jpg", ".jpeg": ".jpg", ".mpga": ".mp3", ".qt": ".mov"}
 
 
@@ -141,7 +144,9 @@ class Downloader:
     def _check_url(self, task_id: str, url: str) -> None:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise DownloadError(f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id)
+            raise DownloadError(
+                f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id
+            )
         if self._api_origin is not None and origin_of(url) == self._api_origin:
             raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
 
@@ -259,13 +264,6 @@ class Downloader:
             await handle.flush()
             await asyncio.to_thread(os.fsync, handle.fileno())
         return size
-
-
-class BytesCallback:
-    """Called with each chunk's length; lets the edge draw a bytes progress bar."""
-
-    def __call__(self, count: int) -> None:  # pragma: no cover - protocol
-        raise NotImplementedError
 
 
 def _resume_offset(response: httpx.Response, have: int) -> int:

@@ -101,7 +101,9 @@ async def fetch(
     with archive.lock():
         archive.clean_work()
         with StateDB(archive.db_path) as db:
-            run = _Run(settings, options or FetchOptions(), progress or NullProgress(), archive, db, layout)
+            run = _Run(
+                settings, options or FetchOptions(), progress or NullProgress(), archive, db, layout
+            )
             return await run.execute(sources)
 
 
@@ -128,7 +130,7 @@ class _Run:
 
     async def execute(self, sources: Iterable[IdSource]) -> RunSummary:
         base_url, api_key = self.settings.require_api()
-        policy = RetryPolicy(retries=self.settings.retries)
+        policy = RetryPolicy(retries=self.settings.retries, base=self.settings.retry_wait)
         api = ApiClient(
             base_url,
             api_key,
@@ -154,7 +156,9 @@ class _Run:
             self.summary.requests = api.requests_sent
         return self.summary
 
-    async def _workers(self, api: ApiClient, downloader: Downloader, sources: Iterable[IdSource]) -> None:
+    async def _workers(
+        self, api: ApiClient, downloader: Downloader, sources: Iterable[IdSource]
+    ) -> None:
         n_queries, n_downloads = self.settings.concurrency, self.settings.downloads
         queries: asyncio.Queue[str | None] = asyncio.Queue(maxsize=n_queries * 4)
         files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
@@ -263,10 +267,14 @@ class _Run:
             if job.remaining == 0:
                 self._finish(job)
 
-    async def _download_one(self, downloader: Downloader, job: _TaskJob, remote: RemoteFile) -> None:
+    async def _download_one(
+        self, downloader: Downloader, job: _TaskJob, remote: RemoteFile
+    ) -> None:
         task_id = job.task.task_id
         if remote.expire_time is not None and remote.expire_time <= datetime.now(UTC):
-            self._file_problem(job, remote, f"file {remote.index}: expired before download", expired=True)
+            self._file_problem(
+                job, remote, f"file {remote.index}: expired before download", expired=True
+            )
             return
         work = self.archive.work_path(task_id, remote.index)
         try:
@@ -293,7 +301,9 @@ class _Run:
         self.summary.bytes_downloaded += got.size
         job.remaining -= 1
 
-    def _file_problem(self, job: _TaskJob, remote: RemoteFile, reason: str, *, expired: bool) -> None:
+    def _file_problem(
+        self, job: _TaskJob, remote: RemoteFile, reason: str, *, expired: bool
+    ) -> None:
         state = EXPIRED if expired else FAILED
         self.db.file_failed(job.task.task_id, remote.index, state=state, reason=reason)
         job.problems.append(reason)
@@ -315,7 +325,9 @@ class _Run:
             return
         reason = "; ".join(job.problems)
         all_expired = job.expired == len(job.problems)
-        self.db.record_failure(task_id, reason, final=all_expired, state=EXPIRED if all_expired else FAILED)
+        self.db.record_failure(
+            task_id, reason, final=all_expired, state=EXPIRED if all_expired else FAILED
+        )
         outcome = Outcome.EXPIRED if all_expired else Outcome.FAILED
         self._outcome(TaskOutcome(task_id, outcome, reason, files=count, folder=job.folder))
 

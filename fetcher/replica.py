@@ -94,7 +94,9 @@ class Replica:
             handler = type(f"{name}_handler", (_Handler,), {"replica": self, "server_name": name})
             server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             server.daemon_threads = True
-            thread = threading.Thread(target=server.serve_forever, name=f"replica-{name}", daemon=True)
+            thread = threading.Thread(
+                target=server.serve_forever, name=f"replica-{name}", daemon=True
+            )
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
@@ -150,7 +152,8 @@ class Replica:
             answers = self._tasks.get(task_id)
             if not answers:
                 return None
-            return answers.pop(0) if len(answers) > 1 else answers[0]
+            answer: Mapping[str, Any] | bytes = answers.pop(0) if len(answers) > 1 else answers[0]
+            return answer
 
     def _file(self, path: str) -> _File | None:
         with self.lock:
@@ -162,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_name: ClassVar[str]
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests and the demo read the request log instead."""
 
     def do_GET(self) -> None:
@@ -179,18 +182,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api(self) -> None:
         if not self.path.startswith(QUERY_PREFIX):
-            self._json(404, {"error": {"message": "Invalid URL", "type": "invalid_request_error", "code": ""}})
+            self._json(
+                404,
+                {"error": {"message": "Invalid URL", "type": "invalid_request_error", "code": ""}},
+            )
             return
         task_id = self.path[len(QUERY_PREFIX) :]
         if self.headers.get("Authorization") != f"Bearer {self.replica.api_key}":
-            self._json(401, {"error": {"message": "invalid api key", "type": "authentication_error", "code": ""}})
+            self._json(
+                401,
+                {
+                    "error": {
+                        "message": "invalid api key",
+                        "type": "authentication_error",
+                        "code": "",
+                    }
+                },
+            )
             return
         fault = self.replica._next_fault("api", task_id)
         if fault is not None and self._serve_fault(fault, None):
             return
         answer = self.replica._answer_for(task_id)
         if answer is None:
-            self._json(200, error_response("InvalidParameterValue.TaskId", "The task does not exist."))
+            self._json(
+                200, error_response("InvalidParameterValue.TaskId", "The task does not exist.")
+            )
         elif isinstance(answer, bytes):
             self._send(200, {"Content-Type": "application/json"}, answer)
         else:
@@ -211,7 +228,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve_file(self, stored: _File, drop_after: int | None) -> None:
         data, status = stored.data, 200
-        headers = {"Content-Type": stored.content_type, "ETag": stored.etag, "Accept-Ranges": "bytes"}
+        headers = {
+            "Content-Type": stored.content_type,
+            "ETag": stored.etag,
+            "Accept-Ranges": "bytes",
+        }
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if_range = self.headers.get("If-Range")
         if wanted and (if_range is None or if_range == stored.etag):
@@ -266,7 +287,9 @@ def iso(moment: datetime) -> str:
 
 def error_response(code: str, message: str) -> dict[str, Any]:
     """A Tencent-style error, as the API sends it inside an HTTP 200."""
-    return {"Response": {"Error": {"Code": code, "Message": message}, "RequestId": _request_id(code)}}
+    return {
+        "Response": {"Error": {"Code": code, "Message": message}, "RequestId": _request_id(code)}
+    }
 
 
 def task_response(
@@ -316,7 +339,9 @@ def task_response(
             "Status": status,
             "CreateTime": iso(created),
             "BeginProcessTime": iso(created + timedelta(seconds=1)),
-            "FinishTime": "0001-01-01T00:00:00Z" if running else iso(created + timedelta(seconds=40)),
+            "FinishTime": "0001-01-01T00:00:00Z"
+            if running
+            else iso(created + timedelta(seconds=40)),
             "RequestId": _request_id(task_id),
             task_type: task_obj,
         }
@@ -364,13 +389,22 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     for y in range(height):
         rows.append(0)
         for x in range(width):
-            rows += bytes(((x * 255 // width + seed * 40) % 256, (y * 255 // height) % 256, (seed * 90) % 256))
+            rows += bytes(
+                ((x * 255 // width + seed * 40) % 256, (y * 255 // height) % 256, (seed * 90) % 256)
+            )
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def pseudo_video(size: int, seed: int = 0) -> bytes:
@@ -424,7 +458,9 @@ def _demo_video(replica: Replica, task_id: str, n: int) -> None:
             files=[file_info(url, file_type="video", size=len(data))],
             prompt="a paper boat drifting down a rainy street, slow motion",
             model=("Kling", "2.1"),
-            extra_input={"OutputConfig": {"StorageMode": "Temporary", "Duration": 5, "Resolution": "720P"}},
+            extra_input={
+                "OutputConfig": {"StorageMode": "Temporary", "Duration": 5, "Resolution": "720P"}
+            },
         ),
     )
 

@@ -143,7 +143,7 @@ class StateDB:
 
     def _check_schema(self) -> None:
         row = self._query_one("SELECT value FROM meta WHERE key = 'schema_version'")
-        version = int(row[0]) if row else SCHEMA_VERSION
+        version = int(str(row[0])) if row else SCHEMA_VERSION
         if version > SCHEMA_VERSION:
             raise ArchiveError(
                 f"state database {str(self.path)!r} has schema {version}; "
@@ -240,7 +240,9 @@ class StateDB:
                 reason=f"status {task.status or 'unknown'}",
             )
 
-    def record_failure(self, task_id: str, reason: str, *, final: bool, state: str = FAILED) -> None:
+    def record_failure(
+        self, task_id: str, reason: str, *, final: bool, state: str = FAILED
+    ) -> None:
         with self.atomic() as conn:
             self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
 
@@ -251,7 +253,9 @@ class StateDB:
         an earlier run never move) and the file rows already done.
         """
         with self.atomic() as conn:
-            row = conn.execute("SELECT dir FROM tasks WHERE task_id = ?", (task.task_id,)).fetchone()
+            row = conn.execute(
+                "SELECT dir FROM tasks WHERE task_id = ?", (task.task_id,)
+            ).fetchone()
             folder = row[0] if row and row[0] else folder
             self._upsert_task(
                 conn,
@@ -283,7 +287,14 @@ class StateDB:
         return str(row[0]) if row and row[0] else None
 
     def file_done(
-        self, task_id: str, index: int, *, path: str, size: int, sha256: str, content_type: str | None
+        self,
+        task_id: str,
+        index: int,
+        *,
+        path: str,
+        size: int,
+        sha256: str,
+        content_type: str | None,
     ) -> None:
         with self.atomic() as conn:
             conn.execute(
@@ -307,21 +318,34 @@ class StateDB:
     # -- reading ----------------------------------------------------------------------
 
     def files_of(self, task_id: str) -> list[FileRow]:
-        return [_file_row(r) for r in self._query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))]
+        return [
+            _file_row(r)
+            for r in self._query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))
+        ]
 
     def all_done_files(self) -> Iterable[FileRow]:
-        return [_file_row(r) for r in self._query(_FILE_SELECT + " WHERE state = 'done' ORDER BY task_id, idx")]
+        return [
+            _file_row(r)
+            for r in self._query(_FILE_SELECT + " WHERE state = 'done' ORDER BY task_id, idx")
+        ]
 
     def totals(self) -> tuple[int, int]:
         """Files in place and their bytes."""
-        row = self._query_one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state = 'done'")
+        row = self._query_one(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state = 'done'"
+        )
         assert row is not None
         return int(str(row[0])), int(str(row[1]))
 
     def counts(self) -> dict[str, int]:
-        return {str(s): int(str(n)) for s, n in self._query("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
+        return {
+            str(s): int(str(n))
+            for s, n in self._query("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+        }
 
-    def tasks_in(self, states: Sequence[str], order: str = "first_seen") -> list[tuple[object, ...]]:
+    def tasks_in(
+        self, states: Sequence[str], order: str = "first_seen"
+    ) -> list[tuple[object, ...]]:
         marks = ",".join("?" * len(states))
         return self._query(
             "SELECT task_id, state, task_type, created_at, first_seen, updated_at, reason "  # noqa: S608

@@ -47,7 +47,8 @@ class StatusReport:
     def lines(self) -> list[str]:
         out = [f"archive: {self.archive}"]
         out.append(
-            "tasks: " + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in _STATES)
+            "tasks: "
+            + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in _STATES)
             + f"; {self.files_archived} files, {self.bytes_archived} bytes archived"
         )
         if self.pending:

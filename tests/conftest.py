@@ -1,0 +1,135 @@
+"""Shared fixtures: the project's replica on loopback, an archive folder, settings, helpers.
+
+Every test that touches the network talks real HTTP to :class:`fetcher.replica.Replica`
+on 127.0.0.1 with ports picked by the OS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fetcher.config import Settings
+from fetcher.ids import IdSource
+from fetcher.pipeline import FetchOptions, fetch_sync
+from fetcher.replica import Replica, file_info, png, pseudo_video, task_response
+from fetcher.summary import RunSummary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def replica() -> Iterator[Replica]:
+    """A running replica of the gateway and the file host."""
+    with Replica() as running:
+        yield running
+
+
+@pytest.fixture
+def archive_dir(tmp_path: Path) -> Path:
+    return tmp_path / "archive"
+
+
+@pytest.fixture
+def settings(replica: Replica, archive_dir: Path) -> Settings:
+    """Settings for a run against the replica: fast retries, no rate limit to speak of."""
+    return Settings(
+        archive=archive_dir,
+        base_url=replica.api_url,
+        api_key=replica.api_key,
+        retries=2,
+        retry_wait=0.01,
+        timeout=5.0,
+        rate=10_000.0,
+    )
+
+
+def run(settings: Settings, *task_ids: str, **options: Any) -> RunSummary:
+    """One fetch run over ``task_ids`` through the public Python API."""
+    return fetch_sync(settings, [IdSource.from_values("test", task_ids)], FetchOptions(**options))
+
+
+def tweak(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, **changes)
+
+
+def task_id(n: int, kind: str = "AigcImageTask") -> str:
+    """A task ID in the real format, different for each ``n``."""
+    return f"1392336703-{kind}-{hashlib.md5(f'{kind}{n}'.encode()).hexdigest()}t"
+
+
+def add_image_task(
+    replica: Replica,
+    tid: str,
+    count: int = 1,
+    *,
+    with_md5: bool = False,
+    **response: Any,
+) -> list[bytes]:
+    """A finished image task with ``count`` PNG files; returns the files' bytes in order."""
+    datas, infos = [], []
+    for k in range(count):
+        data = png(16, 16, seed=int(hashlib.md5(tid.encode()).hexdigest()[:4], 16) + k)
+        url = replica.add_file(f"{tid}/image_{k}.png", data)
+        md5 = hashlib.md5(data).hexdigest() if with_md5 else None
+        infos.append(file_info(url, md5=md5))
+        datas.append(data)
+    replica.set_task(tid, task_response(tid, files=infos, **response))
+    return datas
+
+
+def add_video_task(replica: Replica, tid: str, size: int = 200_000) -> bytes:
+    data = pseudo_video(size, seed=size)
+    url = replica.add_file(f"{tid}/video.mp4", data, "video/mp4")
+    replica.set_task(
+        tid,
+        task_response(
+            tid,
+            task_type="AigcVideoTask",
+            files=[file_info(url, file_type="video")],
+            model=("Kling", "2.1"),
+        ),
+    )
+    return data
+
+
+def archived_files(archive: Path) -> dict[str, bytes]:
+    """Every visible file in the archive (not fetcher's own folder), by relative path."""
+    return {
+        str(p.relative_to(archive)): p.read_bytes()
+        for p in sorted(archive.rglob("*"))
+        if p.is_file() and ".fetcher" not in p.relative_to(archive).parts
+    }
+
+
+def run_cli(
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m fetcher ARGS`` as a subprocess, with a clean FETCHER_* environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    # Keep the user's real config out of the test: point the config dir somewhere empty.
+    base["XDG_CONFIG_HOME"] = str(cwd or ROOT / "tests" / "_no_config")
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fetcher", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
