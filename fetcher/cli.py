@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sample_tasks.txt into a fresh folder, and show the result.",
     )
     demo.add_argument("--archive", type=Path, metavar="DIR", help="folder to archive into")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="only serve the replica until interrupted, to try 'fetcher fetch' against it",
+    )
     _output_flags(demo)
     return parser
 
@@ -191,9 +196,15 @@ def _demo(args: argparse.Namespace) -> int:
     from .console import summary_line
     from .demo import run_demo, tree_lines
 
+    if args.serve:
+        return _serve_demo()
     with _progress(args) as progress:
         result = run_demo(args.archive, progress)
     print(summary_line(result.summary))
+    print(
+        "(the replica plays one task still running and one refused by moderation,"
+        " so those outcomes show too)"
+    )
     print()
     print("\n".join(tree_lines(result.archive)))
     if result.sidecar is not None:
@@ -205,6 +216,23 @@ def _demo(args: argparse.Namespace) -> int:
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
     print(f"  fetcher fetch task_ids.txt --archive {result.archive}")
     return 0
+
+
+def _serve_demo() -> int:
+    import time
+
+    from .demo import demo_replica, sample_tasks
+
+    with demo_replica() as replica:
+        print("replica of the gateway and file host running; in another shell:")
+        print(f"  export FETCHER_BASE_URL={replica.api_url} FETCHER_API_KEY={replica.api_key}")
+        print(f"  fetcher fetch {sample_tasks()} --archive demo-archive --json")
+        print("Ctrl-C stops it.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
 
 
 _COMMANDS = {"fetch": _fetch, "status": _status, "demo": _demo}

@@ -7,6 +7,8 @@ and the same code path as a production run: only the base URL and key differ.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,12 +36,19 @@ def sample_tasks() -> Path:
     return Path(str(resources.files("fetcher").joinpath("sample_tasks.txt")))
 
 
-def run_demo(target: Path | None = None, progress: Progress | None = None) -> DemoResult:
-    """Serve the sample tasks from a replica on loopback and archive them into ``target``."""
-    archive = target or Path(tempfile.mkdtemp(prefix="fetcher-demo-"))
+@contextmanager
+def demo_replica() -> Iterator[Replica]:
+    """The replica, loaded with a story for every ID in ``sample_tasks.txt``."""
     ids = [e for e in iter_entries([IdSource.from_path(sample_tasks())]) if isinstance(e, str)]
     with Replica() as replica:
         load_demo(replica, ids)
+        yield replica
+
+
+def run_demo(target: Path | None = None, progress: Progress | None = None) -> DemoResult:
+    """Serve the sample tasks from a replica on loopback and archive them into ``target``."""
+    archive = target or Path(tempfile.mkdtemp(prefix="fetcher-demo-"))
+    with demo_replica() as replica:
         settings = Settings(archive=archive, base_url=replica.api_url, api_key=replica.api_key)
         summary = fetch_sync(
             settings, [IdSource.from_path(sample_tasks())], FetchOptions(), progress

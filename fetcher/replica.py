@@ -95,7 +95,7 @@ class Replica:
             server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             server.daemon_threads = True
             thread = threading.Thread(
-                target=server.serve_forever, name=f"replica-{name}", daemon=True
+                target=server.serve_forever, args=(0.05,), name=f"replica-{name}", daemon=True
             )
             thread.start()
             self._servers.append(server)
