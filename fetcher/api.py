@@ -99,8 +99,9 @@ class ApiClient:
                 return await self._attempt(task_id)
             except _Transient as exc:
                 if attempt > self._policy.retries:
+                    tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
                     raise QueryError(
-                        f"query failed after {attempt} attempts: {exc.reason}", task_id=task_id
+                        f"query failed after {tries}: {exc.reason}", task_id=task_id
                     ) from None
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
 
@@ -111,15 +112,22 @@ class ApiClient:
         if status in RETRY_STATUSES:
             raise _Transient(f"HTTP {status}", parse_retry_after(headers.get("retry-after")))
         if 300 <= status < 400:
-            raise QueryError(f"the API answered HTTP {status} (redirects are not followed)")
+            raise QueryError(
+                f"the API answered HTTP {status} (redirects are not followed)", task_id=task_id
+            )
         if status == 404:
+            # Only the upstream's own "no such task" is final; a bare 404 is as likely
+            # a wrong base URL, and must not write off every task for good.
             try:
                 parse_task(task_id, body)
             except TaskNotFound:
                 raise
             except QueryError:
                 pass
-            raise TaskNotFound("unknown task (HTTP 404)", task_id=task_id)
+            raise QueryError(
+                f"the API answered HTTP 404{self._detail(body)} (is the base URL right?)",
+                task_id=task_id,
+            )
         if status >= 400:
             raise QueryError(f"the API answered HTTP {status}{self._detail(body)}", task_id=task_id)
         try:

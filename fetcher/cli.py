@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
-from .errors import EXIT_SIGINT, FetcherError, UsageError
+from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
 
 _SETTING_FLAGS = (
     "archive",
@@ -33,8 +33,15 @@ _SETTING_FLAGS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is a usage error like any other: one ``fetcher: error:`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"fetcher: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fetcher",
         description="Archive AI-generated images and videos from Tencent VOD AIGC tasks "
         "before their download links expire.",

@@ -6,6 +6,7 @@ No other module reads the environment or the config file: the CLI calls
 
 from __future__ import annotations
 
+import math
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -141,6 +142,9 @@ def _build(values: Mapping[str, Any]) -> Settings:
     return settings
 
 
+_TEXT_SETTINGS = ("base_url", "api_key", "layout")
+
+
 def _coerce(name: str, value: Any, kind: type) -> Any:
     label = f"setting {name!r}"
     try:
@@ -148,16 +152,21 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return Path(str(value)).expanduser()
         if kind is bool or isinstance(value, bool):
             raise TypeError
-        if name in ("base_url", "api_key", "layout"):
+        if name in _TEXT_SETTINGS:
             if not isinstance(value, str):
                 raise TypeError
             return value.strip()
         if kind is int:
+            # int(2.5) would silently truncate a TOML float; int(inf) raises OverflowError.
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
             return int(value)
         if kind is float:
             return float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{label}: {value!r} is not a valid {kind.__name__}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        kind_name = "string" if name in _TEXT_SETTINGS else kind.__name__
+        shown = "the value given" if name == "api_key" else repr(value)  # never echo a secret
+        raise ConfigError(f"{label}: {shown} is not a valid {kind_name}") from exc
     return value
 
 
@@ -171,10 +180,10 @@ def _validate(settings: Settings) -> None:
         if getattr(settings, name) < low:
             raise ConfigError(f"setting {name!r} must be at least {low}")
     for name in ("timeout", "rate", "retry_wait"):
-        if not getattr(settings, name) > 0:
-            raise ConfigError(f"setting {name!r} must be greater than 0")
+        if not 0 < getattr(settings, name) < math.inf:
+            raise ConfigError(f"setting {name!r} must be a finite number greater than 0")
     if settings.base_url:
         parts = urlsplit(settings.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"base URL {settings.base_url!r} is not an http(s) URL")
+            raise ConfigError(f"setting 'base_url': {settings.base_url!r} is not an http(s) URL")
     Layout(settings.layout)

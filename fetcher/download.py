@@ -245,22 +245,26 @@ class Downloader:
         async with aiofiles.open(work_path, "r+b" if start else "wb") as handle:
             await handle.seek(start)
             await handle.truncate()
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > self._max_size:
-                    raise DownloadError(
-                        f"file {remote.index}: body passes the {self._max_size}-byte limit"
-                    )
-                sha256.update(chunk)
-                md5.update(chunk)
-                block += chunk
-                if self._on_bytes is not None:
-                    self._on_bytes(len(chunk))
-                if len(block) >= WRITE_BLOCK:
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self._max_size:
+                        raise DownloadError(
+                            f"file {remote.index}: body passes the {self._max_size}-byte limit"
+                        )
+                    sha256.update(chunk)
+                    md5.update(chunk)
+                    block += chunk
+                    if self._on_bytes is not None:
+                        self._on_bytes(len(chunk))
+                    if len(block) >= WRITE_BLOCK:
+                        await handle.write(bytes(block))
+                        block.clear()
+            finally:
+                # Even when the connection drops: what arrived stays on disk, so the
+                # next attempt resumes after it instead of starting over.
+                if block:
                     await handle.write(bytes(block))
-                    block.clear()
-            if block:
-                await handle.write(bytes(block))
             await handle.flush()
             await asyncio.to_thread(os.fsync, handle.fileno())
         return size

@@ -22,7 +22,7 @@ from .errors import UsageError
 DEFAULT_LAYOUT = "{task_type}/{created:%Y}/{created:%m}/{created:%d}/{task_id}"
 MAX_SEGMENT_BYTES = 255
 _HASH_CHARS = 16
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*]')
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
 _DATE_FIELDS = frozenset({"created", "finished"})
 _TEXT_FIELDS = frozenset({"task_id", "task_type", "model_name", "model_version"})
 FIELDS = _DATE_FIELDS | _TEXT_FIELDS
@@ -46,7 +46,9 @@ class Layout:
     def __init__(self, template: str) -> None:
         self.template = template
         self._pieces = _parse(template)
-        sample = LayoutFields(task_id="x", task_type="x", created=datetime.now(UTC))
+        now = datetime.now(UTC)
+        # Every field set, so a spec that only breaks on a real value fails here, not mid-run.
+        sample = LayoutFields("x", "x", "x", "x", created=now, finished=now)
         try:
             self.render(sample)
         except (ValueError, TypeError) as exc:

@@ -102,11 +102,12 @@ def parse_time(value: object) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: e.g. 9999-12-31T23:59:59-01:00 falls past year 9999 in UTC.
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def format_time(value: datetime | None) -> str | None:
@@ -125,7 +126,7 @@ def parse_task(task_id: str, body: bytes) -> Task:
     """
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ResponseError("response is not valid JSON", task_id=task_id) from exc
     response = _mapping(document, "Response", task_id)
     error = response.get("Error")

@@ -30,7 +30,9 @@ class RetryPolicy:
         """Seconds to wait before attempt number ``attempt + 1`` (``attempt`` counts from 1)."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.cap)
-        return random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
+        # The exponent is bounded: 2**1100 is too large to become a float.
+        exponent = min(attempt - 1, 64)
+        return random.uniform(0, min(self.cap, self.base * 2**exponent))
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -38,7 +40,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

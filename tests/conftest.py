@@ -121,7 +121,8 @@ def run_cli(
     """``python -m fetcher ARGS`` as a subprocess, with a clean FETCHER_* environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
     # Keep the user's real config out of the test: point the config dir somewhere empty.
-    base["XDG_CONFIG_HOME"] = str(cwd or ROOT / "tests" / "_no_config")
+    # A subfolder, not cwd itself: a "fetcher/" config folder in cwd would shadow the package.
+    base["XDG_CONFIG_HOME"] = str((cwd or ROOT / "tests") / ".no-config")
     base.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "fetcher", *args],
