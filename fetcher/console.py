@@ -21,7 +21,7 @@ _LEVELS = {
     Outcome.ARCHIVED: logging.INFO,
     Outcome.PENDING: logging.INFO,
     Outcome.READY: logging.INFO,
-    Outcome.SKIPPED: logging.INFO,
+    Outcome.SKIPPED: logging.DEBUG,
     Outcome.FAILED: logging.WARNING,
     Outcome.EXPIRED: logging.WARNING,
     Outcome.INVALID: logging.WARNING,

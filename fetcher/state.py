@@ -8,6 +8,7 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 from .errors import ArchiveError
+from .layout import safe_segment
 from .models import RemoteFile, Task, format_time
 
 SCHEMA_VERSION = 1
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state);
+CREATE INDEX IF NOT EXISTS tasks_by_dir ON tasks (dir COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS files (
     task_id      TEXT NOT NULL REFERENCES tasks (task_id),
     idx          INTEGER NOT NULL,
@@ -256,7 +259,7 @@ class StateDB:
             row = conn.execute(
                 "SELECT dir FROM tasks WHERE task_id = ?", (task.task_id,)
             ).fetchone()
-            folder = row[0] if row and row[0] else folder
+            folder = row[0] if row and row[0] else _unclaimed(conn, task.task_id, folder)
             self._upsert_task(
                 conn,
                 task.task_id,
@@ -362,6 +365,24 @@ class StateDB:
                 (limit,),
             )
         ]
+
+
+def _unclaimed(conn: sqlite3.Connection, task_id: str, folder: str) -> str:
+    """``folder``, or a variant no other task holds, so two tasks never share files.
+
+    A layout may map two IDs to one folder (a width spec, or IDs that differ only
+    in case on a case-insensitive filesystem); the compare ignores case for that.
+    """
+    taken = conn.execute(
+        "SELECT 1 FROM tasks WHERE dir = ? COLLATE NOCASE AND task_id != ? LIMIT 1",
+        (folder, task_id),
+    ).fetchone()
+    if taken is None:
+        return folder
+    head, _, last = folder.rpartition("/")
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:12]
+    variant = safe_segment(f"{last}~{digest}")
+    return f"{head}/{variant}" if head else variant
 
 
 _FILE_SELECT = (

@@ -253,6 +253,25 @@ def test_layout_decides_the_task_folder(
 # -- pending --------------------------------------------------------------------------------
 
 
+def test_tasks_never_share_a_folder(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """A layout that maps two IDs to one folder still gives each task its own files."""
+    first, second = task_id(80), task_id(81)
+    data_first = add_image_task(replica, first)
+    data_second = add_image_task(replica, second)
+    narrow = tweak(settings, layout="{task_id:.10}")  # both IDs start with 1392336703
+
+    summary = run(narrow, first, second)
+
+    folders = {outcome_of(summary, t).folder for t in (first, second)}
+    assert len(folders) == 2
+    for tid, data in ((first, data_first), (second, data_second)):
+        folder = archive_dir / str(outcome_of(summary, tid).folder)
+        assert (folder / "00.png").read_bytes() == data[0]
+        assert json.loads((folder / "task.json").read_text())["task_id"] == tid
+
+
 def test_pending_task_is_archived_on_a_later_run(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
