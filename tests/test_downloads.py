@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_image_task, add_video_task, archived_files, run, task_id
+from conftest import add_image_task, add_video_task, archived_files, run, task_id, tweak
 from test_fetch import db_row, image_file, outcome_of, sidecar
 
 from fetcher.config import Settings
@@ -239,3 +239,25 @@ def test_failed_downloads_leave_no_partial_files_visible(
     entries = json.loads(visible[f"{got.folder}/task.json"])["files"]
     assert entries[1]["path"] is None
     assert entries[1]["missing"]
+
+
+def test_files_are_downloaded_earliest_expiry_first(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """Behind a busy download slot, the file that expires soonest is fetched next."""
+    now = datetime.now(UTC)
+    blocker, late, soon, middle = (task_id(90 + n) for n in range(4))
+    expiries = {blocker: 7, late: 6, soon: 1, middle: 3}
+    for tid, days in expiries.items():
+        _, url = image_file(replica, tid)
+        replica.set_task(
+            tid, task_response(tid, files=[file_info(url, expire=now + timedelta(days=days))])
+        )
+    # One query at a time, one download at a time: the blocker's slow answer lets the
+    # other three pile up in the queue before the worker is free again.
+    replica.fault("files", f"{blocker}/image_0.png", Fault(delay=0.5))
+    ordered = run(tweak(settings, concurrency=1, downloads=1), blocker, late, soon, middle)
+
+    assert ordered.counts[Outcome.ARCHIVED] == 4
+    fetched = [r.path.split("/")[1] for r in replica.seen("files")]
+    assert fetched == [blocker, soon, middle, late]
