@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from . import __version__
 from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
@@ -169,7 +169,7 @@ def _fetch(args: argparse.Namespace) -> int:
     if not (args.files or args.ids or args.pending):
         raise UsageError("nothing to fetch: give FILE, '-' for stdin, --id or --pending")
     sources = [
-        IdSource.from_stream("<stdin>", sys.stdin.buffer)
+        IdSource.from_stream("<stdin>", _own_stdin())
         if name == "-"
         else IdSource.from_path(Path(name))
         for name in args.files
@@ -186,6 +186,16 @@ def _fetch(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(summary_line(summary))
     return summary.exit_code
+
+
+def _own_stdin() -> BinaryIO:
+    """Standard input on a file object of our own, for the ID-reading daemon thread.
+
+    At exit the interpreter flushes and closes ``sys.stdin``; if the reader is
+    blocked inside it (a generator that has not closed the pipe), that is a fatal
+    error. A duplicate descriptor keeps the two apart.
+    """
+    return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
 
 
 def _status(args: argparse.Namespace) -> int:

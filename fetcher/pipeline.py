@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -27,6 +27,7 @@ from .archive import Archive, archive_error
 from .config import Settings
 from .download import Downloader
 from .errors import FetcherError, FileExpired, TaskError
+from .feed import batches
 from .ids import IdSource, InvalidId, iter_entries
 from .layout import Layout, LayoutFields
 from .models import RemoteFile, Task, TaskState
@@ -36,7 +37,7 @@ from .sidecar import build_sidecar
 from .state import ARCHIVED, EXPIRED, FAILED, StateDB
 from .summary import Outcome, RunSummary, TaskOutcome
 
-#: Lines pulled from the sources per hand-off from the reading thread.
+#: At most this many lines wait between the reading thread and the loop.
 FEED_BATCH = 2000
 
 
@@ -178,8 +179,7 @@ class _Run:
     async def _feed(
         self, sources: Iterable[IdSource], queries: asyncio.Queue[str | None], workers: int
     ) -> None:
-        entries = iter_entries(sources)
-        while batch := await asyncio.to_thread(_take, entries, FEED_BATCH):
+        async for batch in batches(iter_entries(sources), FEED_BATCH):
             ids: list[str] = []
             for entry in batch:
                 if isinstance(entry, InvalidId):
@@ -352,10 +352,6 @@ def _layout_fields(task: Task) -> LayoutFields:
         created=task.created,
         finished=task.finished,
     )
-
-
-def _take(entries: Iterator[str | InvalidId], count: int) -> list[str | InvalidId]:
-    return list(itertools.islice(entries, count))
 
 
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -7,7 +7,10 @@ process and the subprocess reaches it over loopback HTTP.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -330,6 +333,34 @@ def test_rejected_key_exits_two_naming_the_rejection(
     assert key not in line
     assert len(replica.seen("api")) == 1
     assert replica.seen("files") == []
+
+
+def test_rejected_key_stops_at_once_while_stdin_stays_open(
+    replica: Replica, archive_dir: Path
+) -> None:
+    """A generator still writing to stdin does not keep a run with a rejected key alive."""
+    tid = task_id(1)
+    env = cli_env(replica, archive_dir, FETCHER_API_KEY="not-the-right-key")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "fetcher", "fetch", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**base, **env},
+    ) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{tid}\n".encode())
+        proc.stdin.flush()  # and the pipe stays open, as a slow generator's would
+        try:
+            code = proc.wait(timeout=10)
+        finally:
+            proc.kill()
+            proc.stdin.close()
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+
+    assert code == 2, stderr
+    assert "rejected the key" in stderr
 
 
 def test_unwritable_archive_exits_one_with_one_line(replica: Replica, tmp_path: Path) -> None:
