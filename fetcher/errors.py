@@ -15,7 +15,6 @@ that task's outcome, so the rest of the run goes on::
         ├── QueryError                the API could not be queried
         │   └── ResponseError         the API answered something unusable
         ├── TaskNotFound              the API does not know the task
-        ├── TaskFailed                the API says the generation failed
         └── DownloadError             a file could not be downloaded
             ├── FileExpired           the file's URL expired before download
             └── IntegrityError        the bytes do not match what was promised
@@ -31,7 +30,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 75
 EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class FetcherError(Exception):
@@ -91,12 +89,6 @@ class ResponseError(QueryError):
 
 class TaskNotFound(TaskError):
     """The API does not know this task ID (typo, or older than the query window)."""
-
-    final = True
-
-
-class TaskFailed(TaskError):
-    """The API reports that the generation itself failed or was aborted."""
 
     final = True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -285,10 +285,6 @@ class StateDB:
             (task_id, remote.index, remote.url, format_time(remote.expire_time), remote.md5),
         )
 
-    def task_folder(self, task_id: str) -> str | None:
-        row = self._query_one("SELECT dir FROM tasks WHERE task_id = ?", (task_id,))
-        return str(row[0]) if row and row[0] else None
-
     def file_done(
         self,
         task_id: str,
@@ -324,12 +320,6 @@ class StateDB:
         return [
             _file_row(r)
             for r in self._query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))
-        ]
-
-    def all_done_files(self) -> Iterable[FileRow]:
-        return [
-            _file_row(r)
-            for r in self._query(_FILE_SELECT + " WHERE state = 'done' ORDER BY task_id, idx")
         ]
 
     def totals(self) -> tuple[int, int]:

@@ -25,10 +25,14 @@ from fetcher.download import extension_for
 from fetcher.errors import (
     ArchiveError,
     ConfigError,
+    DownloadError,
     FetcherError,
+    FileExpired,
     InputError,
+    IntegrityError,
+    QueryError,
     ResponseError,
-    TaskFailed,
+    TaskError,
     TaskNotFound,
     UsageError,
 )
@@ -938,10 +942,19 @@ def test_parse_task_on_arbitrary_task_object_raises_only_fetcher_errors(
     _parse_never_crashes({"Response": response})
 
 
-def test_task_failed_is_final() -> None:
-    """TaskFailed and TaskNotFound are final; asking again cannot help."""
-    assert TaskFailed("x").final is True
-    assert TaskNotFound("x").final is True
+@pytest.mark.parametrize(
+    ("error", "final"),
+    [
+        pytest.param(TaskNotFound("x"), True, id="unknown-task"),
+        pytest.param(FileExpired("x"), True, id="expired"),
+        pytest.param(QueryError("x"), False, id="query-error"),
+        pytest.param(DownloadError("x"), False, id="download-error"),
+        pytest.param(IntegrityError("x"), False, id="integrity"),
+    ],
+)
+def test_only_the_apis_own_answers_are_final(error: TaskError, final: bool) -> None:
+    """Unknown tasks and expired files are not asked about again; transient trouble is."""
+    assert error.final is final
 
 
 # ====================================================================================
