@@ -8,13 +8,15 @@ work folder, which is on the same filesystem: a reader never sees half a file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +24,9 @@ from .errors import ArchiveError, LockedError
 
 META_DIR = ".fetcher"
 SIDECAR_NAME = "task.json"
+#: Partial downloads older than this are dropped: no file URL lives longer (7 days).
+RESUME_WINDOW = 8 * 24 * 3600.0
+LOCK_POLL = 0.2
 
 
 class Archive:
@@ -44,32 +49,66 @@ class Archive:
         except OSError as exc:
             raise ArchiveError(f"cannot create archive {str(self.root)!r}: {exc.strerror}") from exc
 
-    def clean_work(self) -> None:
-        """Remove stale work files; only safe while holding the lock."""
+    def clean_work(self, now: float | None = None) -> None:
+        """Remove what a killed run left and cannot be resumed; only safe under the lock.
+
+        A partial download stays while its ``.json`` record does (the next attempt
+        resumes it) unless it is older than any file URL lives; everything else
+        (sidecar temp files, partials without a record, records without a partial)
+        goes.
+        """
+        cutoff = (now or time.time()) - RESUME_WINDOW
         try:
-            for leftover in self.work_dir.iterdir():
-                leftover.unlink(missing_ok=True)
+            entries = {entry.name: entry for entry in self.work_dir.iterdir()}
+            for name, entry in entries.items():
+                partner = name[: -len(".json")] if name.endswith(".part.json") else name + ".json"
+                keep = (
+                    name.endswith((".part", ".part.json"))
+                    and partner in entries
+                    and entry.stat().st_mtime >= cutoff
+                )
+                if not keep:
+                    entry.unlink(missing_ok=True)
         except OSError as exc:
             raise archive_error(exc, self.work_dir) from exc
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the archive's lock for the duration; a second holder gets LockedError at once."""
+        """Hold the archive's lock for the duration; another holder means LockedError at once."""
+        with self._lock_file() as fd:
+            if not _try_lock(fd):
+                raise self._locked("")
+            yield
+
+    @contextlib.asynccontextmanager
+    async def wait_lock(self, wait: float | None) -> AsyncIterator[None]:
+        """Like :meth:`lock`, trying for up to ``wait`` seconds (``math.inf``: until free).
+
+        The wait sleeps on the event loop, so a signal can still stop the run.
+        """
+        deadline = time.monotonic() + (wait or 0.0)
+        with self._lock_file() as fd:
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise self._locked(f" (waited {wait:g} s)" if wait else "")
+                await asyncio.sleep(LOCK_POLL)
+            yield
+
+    @contextlib.contextmanager
+    def _lock_file(self) -> Iterator[int]:
         try:
             handle = self.lock_path.open("a+")
         except OSError as exc:
             raise archive_error(exc, self.lock_path) from exc
         with handle:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockedError(
-                    f"another fetcher run holds the lock on {str(self.root)!r}"
-                ) from None
-            try:
-                yield
+                yield handle.fileno()
             finally:
+                # Closing the file releases the lock too; unlocking first is explicit.
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _locked(self, detail: str) -> LockedError:
+        return LockedError(f"another fetcher run holds the lock on {str(self.root)!r}{detail}")
 
     def work_path(self, task_id: str, index: int) -> Path:
         """A work file name that is stable per file (for resume) and always short."""
@@ -112,6 +151,14 @@ class Archive:
             temp.unlink(missing_ok=True)
             raise archive_error(exc, target) from exc
         return target
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def archive_error(exc: OSError, path: Path) -> ArchiveError:

@@ -8,14 +8,25 @@ or :mod:`fetcher.demo`, and one error boundary around it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .ids import IdSource
+    from .pipeline import FetchOptions
+    from .progress import Progress
+    from .summary import RunSummary
 from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
 
 _SETTING_FLAGS = (
@@ -74,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask again about tasks an earlier run recorded as failed or expired",
     )
     fetch.add_argument("--dry-run", action="store_true", help="query and report; download nothing")
+    fetch.add_argument(
+        "--wait-lock",
+        type=float,
+        nargs="?",
+        const=math.inf,
+        metavar="SECONDS",
+        help="wait for another run's lock (for SECONDS, or until free) instead of exiting 75",
+    )
     fetch.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _setting_flags(fetch)
     _output_flags(fetch)
@@ -84,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
     status.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+
+    verify = commands.add_parser(
+        "verify",
+        help="re-hash every archived file against the state database",
+        description="Re-hash every archived file and compare it with the size and SHA-256 "
+        "the state database recorded; exit 1 when any is missing or corrupt.",
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="download again the missing or corrupt files whose URL has not expired",
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON on stdout")
+    verify.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    verify.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    output = verify.add_argument_group("output")
+    output.add_argument("-q", "--quiet", action="store_true", help="print nothing when all is well")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars")
+    verify.set_defaults(verbose=False)
 
     demo = commands.add_parser(
         "demo",
@@ -162,7 +200,7 @@ def _progress(args: argparse.Namespace) -> Any:
 def _fetch(args: argparse.Namespace) -> int:
     from .console import summary_line
     from .ids import IdSource
-    from .pipeline import FetchOptions, fetch_sync
+    from .pipeline import FetchOptions
 
     settings = _settings(args)
     settings.require_api()
@@ -176,16 +214,54 @@ def _fetch(args: argparse.Namespace) -> int:
     ]
     if args.ids:
         sources.append(IdSource.from_values("--id", args.ids))
+    if args.wait_lock is not None and not args.wait_lock >= 0:
+        raise UsageError("--wait-lock needs a number of seconds, 0 or more")
     options = FetchOptions(
-        dry_run=args.dry_run, pending=args.pending, retry_failed=args.retry_failed
+        dry_run=args.dry_run,
+        pending=args.pending,
+        retry_failed=args.retry_failed,
+        wait_lock=args.wait_lock,
     )
     with _progress(args) as progress:
-        summary = fetch_sync(settings, sources, options, progress)
+        summary, signum = asyncio.run(_fetch_until_signal(settings, sources, options, progress))
+    code = summary.exit_code if signum is None else 128 + signum
     if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    elif not args.quiet:
+        print(json.dumps({**summary.to_json(), "exit_code": code}, indent=2))
+    elif not args.quiet or signum is not None:
         print(summary_line(summary))
-    return summary.exit_code
+    return code
+
+
+async def _fetch_until_signal(
+    settings: Settings, sources: list[IdSource], options: FetchOptions, progress: Progress
+) -> tuple[RunSummary, int | None]:
+    """Run the fetch; the first SIGINT/SIGTERM winds it down, a second one kills.
+
+    Winding down keeps in-flight downloads for the next run and still reports.
+    """
+    from .pipeline import fetch
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        logging.getLogger("fetcher").warning(
+            "%s: stopping; downloads in flight are kept for the next run",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+        loop.remove_signal_handler(signum)  # the next one gets the default: it kills
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        summary = await fetch(settings, sources, options, progress, stop=stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return summary, (received[0] if received else None)
 
 
 def _own_stdin() -> BinaryIO:
@@ -207,6 +283,21 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report.lines()))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_archive
+
+    settings = _settings(args)
+    with _progress(args) as progress:
+        report = verify_archive(
+            settings.archive, repair=args.repair, settings=settings, progress=progress
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif report.problems or not args.quiet:
+        print("\n".join(report.lines()))
+    return report.exit_code
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -252,7 +343,7 @@ def _serve_demo() -> int:
             return 0
 
 
-_COMMANDS = {"fetch": _fetch, "status": _status, "demo": _demo}
+_COMMANDS = {"fetch": _fetch, "status": _status, "verify": _verify, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

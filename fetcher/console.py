@@ -141,10 +141,17 @@ def summary_line(summary: RunSummary) -> str:
     shown = [
         f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]
     ]
-    files = f"{summary.files_downloaded} files, {_size(summary.bytes_downloaded)} downloaded"
+    files = (
+        f"{_count(summary.files_downloaded, 'file')}, {_size(summary.bytes_downloaded)} downloaded"
+    )
     bad = sum(summary.counts[o] for o in BAD_OUTCOMES)
-    verdict = "with problems" if bad else "ok"
-    return f"{', '.join(shown) or 'no tasks'}; {files}; {summary.requests} requests; {verdict}"
+    verdict = "interrupted" if summary.interrupted else "with problems" if bad else "ok"
+    requests = _count(summary.requests, "request")
+    return f"{', '.join(shown) or 'no tasks'}; {files}; {requests}; {verdict}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _size(count: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import mimetypes
 import os
 import re
@@ -28,7 +29,7 @@ import aiofiles
 import httpx
 
 from .api import USER_AGENT, origin_of
-from .errors import DownloadError, FileExpired, IntegrityError
+from .errors import DownloadError, FileExpired, FileGone, IntegrityError
 from .models import RemoteFile
 from .retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
 
@@ -64,10 +65,56 @@ class _Retry(Exception):
 
 
 @dataclass(slots=True)
-class _Progress:
-    """What an attempt knows of the work file between attempts."""
+class _WorkFile:
+    """A work file, and the URL and validator of the response its bytes came from.
 
+    The pair is kept in ``<work file>.json`` so a later run can resume too. It is
+    written before any body byte: a stale pairing can then only make ``If-Range``
+    fail safe (the host sends the whole file again), never splice two versions.
+    """
+
+    path: Path
+    url: str
     validator: str | None = None
+
+    @property
+    def meta(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    @classmethod
+    def resume(cls, path: Path, url: str) -> _WorkFile:
+        """Pick up what an earlier attempt or run left for this same URL."""
+        work = cls(path, url)
+        try:
+            data = json.loads(work.meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return work
+        if isinstance(data, dict) and data.get("url") == url:
+            validator = data.get("validator")
+            work.validator = validator if isinstance(validator, str) else None
+        return work
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def begin(self, validator: str | None) -> None:
+        """A response is about to be written: remember which one."""
+        self.validator = validator
+        if validator is None:
+            self.meta.unlink(missing_ok=True)
+            return
+        self.meta.write_text(json.dumps({"url": self.url, "validator": validator}), "utf-8")
+
+    def finish(self) -> None:
+        self.meta.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.meta.unlink(missing_ok=True)
+        self.validator = None
 
 
 class Downloader:
@@ -117,16 +164,18 @@ class Downloader:
     async def download(self, task_id: str, remote: RemoteFile, work_path: Path) -> Downloaded:
         """Fetch ``remote`` into ``work_path``; raises a :class:`DownloadError` subclass."""
         self._check_url(task_id, remote.url)
-        state = _Progress()
+        work = _WorkFile.resume(work_path, remote.url)
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(task_id, remote, work_path, state)
+                done = await self._attempt(task_id, remote, work)
+            except FileExpired:
+                work.discard()
+                raise
             except _Retry as exc:
                 if exc.restart:
-                    work_path.unlink(missing_ok=True)
-                    state.validator = None
+                    work.discard()
                 if attempt > self._policy.retries:
                     if exc.restart:
                         raise IntegrityError(
@@ -140,6 +189,9 @@ class Downloader:
                         url=remote.url,
                     ) from None
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
+            else:
+                work.finish()
+                return done
 
     def _check_url(self, task_id: str, url: str) -> None:
         scheme = urlsplit(url).scheme.lower()
@@ -150,17 +202,15 @@ class Downloader:
         if self._api_origin is not None and origin_of(url) == self._api_origin:
             raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
 
-    async def _attempt(
-        self, task_id: str, remote: RemoteFile, work_path: Path, state: _Progress
-    ) -> Downloaded:
+    async def _attempt(self, task_id: str, remote: RemoteFile, work: _WorkFile) -> Downloaded:
         assert self._client is not None, "Downloader used outside 'async with'"
-        have = work_path.stat().st_size if work_path.exists() else 0
+        have = work.size()
         headers: dict[str, str] = {}
-        if have and state.validator:
-            headers = {"Range": f"bytes={have}-", "If-Range": state.validator}
+        if have and work.validator:
+            headers = {"Range": f"bytes={have}-", "If-Range": work.validator}
         try:
             async with self._client.stream("GET", remote.url, headers=headers) as response:
-                return await self._receive(task_id, remote, work_path, response, have, state)
+                return await self._receive(task_id, remote, work, response, have)
         except httpx.TooManyRedirects as exc:
             raise DownloadError(
                 f"file {remote.index}: too many redirects", task_id=task_id, url=remote.url
@@ -178,15 +228,14 @@ class Downloader:
         self,
         task_id: str,
         remote: RemoteFile,
-        work_path: Path,
+        work: _WorkFile,
         response: httpx.Response,
         have: int,
-        state: _Progress,
     ) -> Downloaded:
         status = response.status_code
         if status in GONE_STATUSES:
             expired = remote.expire_time is not None and remote.expire_time <= datetime.now(UTC)
-            kind = FileExpired if expired or status == 410 else DownloadError
+            kind = FileExpired if expired else FileGone
             raise kind(
                 f"file {remote.index}: file host answered HTTP {status}",
                 task_id=task_id,
@@ -212,9 +261,9 @@ class Downloader:
         content_type = _content_type(response)
         if content_type == "text/html" and remote.file_type not in ("text", "html"):
             raise _Retry("file host sent an HTML page instead of the file", restart=True)
-        state.validator = response.headers.get("etag") or response.headers.get("last-modified")
-        sha256, md5 = await _seed_hashes(work_path, start)
-        size = await self._stream_to(work_path, response, start, sha256, md5, remote)
+        work.begin(_validator(response.headers))
+        sha256, md5 = await _seed_hashes(work.path, start)
+        size = await self._stream_to(work.path, response, start, sha256, md5, remote)
         if total is not None and size != total:
             raise _Retry(f"body ended after {size} of {total} bytes")
         if size == 0:
@@ -222,7 +271,7 @@ class Downloader:
         if remote.md5 is not None and md5.hexdigest() != remote.md5:
             raise _Retry("MD5 does not match the API's MetaData.Md5", restart=True)
         return Downloaded(
-            path=work_path,
+            path=work.path,
             size=size,
             sha256=sha256.hexdigest(),
             content_type=content_type,
@@ -268,6 +317,15 @@ class Downloader:
             await handle.flush()
             await asyncio.to_thread(os.fsync, handle.fileno())
         return size
+
+
+def _validator(headers: httpx.Headers) -> str | None:
+    """What ``If-Range`` may carry: a strong ETag, else Last-Modified (weak ETags may not)."""
+    etag: str | None = headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    modified: str | None = headers.get("last-modified")
+    return modified
 
 
 def _resume_offset(response: httpx.Response, have: int) -> int:

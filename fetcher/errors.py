@@ -17,6 +17,7 @@ that task's outcome, so the rest of the run goes on::
         ├── TaskNotFound              the API does not know the task
         └── DownloadError             a file could not be downloaded
             ├── FileExpired           the file's URL expired before download
+            ├── FileGone              the host dropped the file early; a fresh URL may help
             └── IntegrityError        the bytes do not match what was promised
 
 Foreign exceptions (httpx, sqlite3, OSError) are translated where they are
@@ -105,6 +106,10 @@ class FileExpired(DownloadError):
     """The file's URL expired, or the host no longer has it."""
 
     final = True
+
+
+class FileGone(DownloadError):
+    """The file host answered 403/404/410 before ``ExpireTime``; the task may have a fresh URL."""
 
 
 class IntegrityError(DownloadError):

@@ -17,20 +17,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from .api import ApiClient
 from .archive import Archive, archive_error
 from .config import Settings
-from .download import Downloader
-from .errors import FetcherError, FileExpired, TaskError
+from .download import Downloaded, Downloader
+from .errors import FetcherError, FileExpired, FileGone, TaskError
 from .feed import batches
 from .ids import IdSource, InvalidId, iter_entries
 from .layout import Layout, LayoutFields
-from .models import RemoteFile, Task, TaskState
+from .models import RemoteFile, Task, TaskState, format_time
 from .progress import NullProgress, Progress
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
@@ -50,6 +50,8 @@ class FetchOptions:
     pending: bool = False
     #: Ask again about tasks whose failure was final (failed, unknown, expired).
     retry_failed: bool = False
+    #: Seconds to wait for another run's lock (None: fail at once; ``math.inf``: forever).
+    wait_lock: float | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +63,14 @@ class _TaskJob:
     remaining: int
     problems: list[str] = field(default_factory=list)
     expired: int = 0
+    #: The task as a second query saw it, when a host dropped a file early; asked once.
+    fresh: Task | None = None
+    requeried: asyncio.Lock = field(default_factory=asyncio.Lock)
+    asked_again: bool = False
+
+
+class _Stopped(Exception):
+    """Internal: the caller's stop event was set (a signal); wind down and report."""
 
 
 @dataclass(order=True, slots=True)
@@ -88,24 +98,26 @@ async def fetch(
     sources: Iterable[IdSource],
     options: FetchOptions | None = None,
     progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Archive every task named in ``sources``; returns what happened to each.
 
     Raises :class:`~fetcher.errors.FetcherError` subclasses only for what stops the
     whole run (bad settings, rejected key, locked or unwritable archive); a task's
-    own trouble is its outcome in the summary.
+    own trouble is its outcome in the summary. Setting ``stop`` (the CLI does on
+    SIGINT/SIGTERM) winds the run down: downloads in flight keep their bytes for
+    the next run to resume, and the summary says ``interrupted``.
     """
     settings.require_api()
+    options = options or FetchOptions()
     layout = Layout(settings.layout)
     archive = Archive(settings.archive)
     archive.prepare()
-    with archive.lock():
+    async with archive.wait_lock(options.wait_lock):
         archive.clean_work()
         with StateDB(archive.db_path) as db:
-            run = _Run(
-                settings, options or FetchOptions(), progress or NullProgress(), archive, db, layout
-            )
-            return await run.execute(sources)
+            run = _Run(settings, options, progress or NullProgress(), archive, db, layout)
+            return await run.execute(sources, stop)
 
 
 class _Run:
@@ -129,7 +141,7 @@ class _Run:
         self.summary = RunSummary()
         self._seq = itertools.count()
 
-    async def execute(self, sources: Iterable[IdSource]) -> RunSummary:
+    async def execute(self, sources: Iterable[IdSource], stop: asyncio.Event | None) -> RunSummary:
         base_url, api_key = self.settings.require_api()
         policy = RetryPolicy(retries=self.settings.retries, base=self.settings.retry_wait)
         api = ApiClient(
@@ -150,29 +162,42 @@ class _Run:
         )
         try:
             async with api, downloader:
-                await self._workers(api, downloader, sources)
+                await self._workers(api, downloader, sources, stop)
         except BaseExceptionGroup as group:
-            raise _first_fatal(group) from None
+            fatal = _first_fatal(group)
+            if not isinstance(fatal, _Stopped):
+                raise fatal from None
+            self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
         return self.summary
 
     async def _workers(
-        self, api: ApiClient, downloader: Downloader, sources: Iterable[IdSource]
+        self,
+        api: ApiClient,
+        downloader: Downloader,
+        sources: Iterable[IdSource],
+        stop: asyncio.Event | None,
     ) -> None:
         n_queries, n_downloads = self.settings.concurrency, self.settings.downloads
         queries: asyncio.Queue[str | None] = asyncio.Queue(maxsize=n_queries * 4)
         files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
         async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(_watch(stop)) if stop is not None else None
             group.create_task(self._feed(sources, queries, n_queries))
             querying = [
                 group.create_task(self._query_worker(api, queries, files)) for _ in range(n_queries)
             ]
-            for _ in range(n_downloads):
-                group.create_task(self._download_worker(downloader, files))
+            downloading = [
+                group.create_task(self._download_worker(api, downloader, files))
+                for _ in range(n_downloads)
+            ]
             await asyncio.wait(querying)
             for _ in range(n_downloads):
                 await files.put(_FileJob(math.inf, next(self._seq)))
+            await asyncio.wait(downloading)
+            if watcher is not None:
+                watcher.cancel()
 
     # -- input --------------------------------------------------------------------------
 
@@ -240,13 +265,12 @@ class _Run:
         wanted = str(self.layout.render(_layout_fields(task)))
         folder, done = self.db.start_task(task, wanted)
         job = _TaskJob(task, folder, remaining=len(task.files))
-        now = datetime.now(UTC)
         for remote in task.files:
             kept = done.get(remote.index)
             if kept is not None and kept.path and (self.archive.root / kept.path).is_file():
                 job.remaining -= 1
-            elif remote.expire_time is not None and remote.expire_time <= now:
-                self._file_problem(job, remote, f"file {remote.index}: expired", expired=True)
+            elif (expired := _expiry(remote)) is not None:
+                self._file_problem(job, remote, expired, expired=True)
             else:
                 self.progress.file_queued(remote.size)
                 expires = remote.expire_time.timestamp() if remote.expire_time else math.inf
@@ -257,28 +281,23 @@ class _Run:
     # -- downloads ----------------------------------------------------------------------
 
     async def _download_worker(
-        self, downloader: Downloader, files: asyncio.PriorityQueue[_FileJob]
+        self, api: ApiClient, downloader: Downloader, files: asyncio.PriorityQueue[_FileJob]
     ) -> None:
         while (item := await files.get()).job is not None:
             job, remote = item.job, item.remote
             assert remote is not None
-            await self._download_one(downloader, job, remote)
+            await self._download_one(api, downloader, job, remote)
             self.progress.file_done()
             if job.remaining == 0:
                 self._finish(job)
 
     async def _download_one(
-        self, downloader: Downloader, job: _TaskJob, remote: RemoteFile
+        self, api: ApiClient, downloader: Downloader, job: _TaskJob, remote: RemoteFile
     ) -> None:
         task_id = job.task.task_id
-        if remote.expire_time is not None and remote.expire_time <= datetime.now(UTC):
-            self._file_problem(
-                job, remote, f"file {remote.index}: expired before download", expired=True
-            )
-            return
         work = self.archive.work_path(task_id, remote.index)
         try:
-            got = await downloader.download(task_id, remote, work)
+            got = await self._fetch_file(api, downloader, job, remote, work)
         except FileExpired as exc:
             self._file_problem(job, remote, str(exc), expired=True)
             return
@@ -300,6 +319,48 @@ class _Run:
         self.summary.files_downloaded += 1
         self.summary.bytes_downloaded += got.size
         job.remaining -= 1
+
+    async def _fetch_file(
+        self,
+        api: ApiClient,
+        downloader: Downloader,
+        job: _TaskJob,
+        remote: RemoteFile,
+        work: Path,
+    ) -> Downloaded:
+        """Download one file; if its host drops it before ``ExpireTime``, ask the API once more."""
+        _check_not_expired(job.task.task_id, remote)
+        try:
+            return await downloader.download(job.task.task_id, remote, work)
+        except FileGone as gone:
+            fresh = await self._fresh_copy(api, job, remote)
+            if fresh is None:
+                raise
+            _check_not_expired(job.task.task_id, fresh)
+            self.db.refresh_file(job.task.task_id, fresh)
+            try:
+                return await downloader.download(job.task.task_id, fresh, work)
+            except FileGone as again:
+                raise FileGone(
+                    f"{again} (also after asking the API again)",
+                    task_id=job.task.task_id,
+                    url=fresh.url,
+                ) from gone
+
+    async def _fresh_copy(
+        self, api: ApiClient, job: _TaskJob, remote: RemoteFile
+    ) -> RemoteFile | None:
+        """The file as a second query describes it; one query per task, whatever fails."""
+        async with job.requeried:
+            if not job.asked_again:
+                job.asked_again = True
+                try:
+                    job.fresh = await api.query(job.task.task_id)
+                except TaskError:
+                    job.fresh = None
+        if job.fresh is None or job.fresh.state is not TaskState.FINISHED:
+            return None
+        return next((f for f in job.fresh.files if f.index == remote.index), None)
 
     def _file_problem(
         self, job: _TaskJob, remote: RemoteFile, reason: str, *, expired: bool
@@ -343,6 +404,27 @@ class _Run:
         self.progress.task_done(outcome)
 
 
+def _expiry(remote: RemoteFile) -> str | None:
+    """Why ``remote`` can no longer be downloaded, or None while its URL lives."""
+    now = datetime.now(UTC)
+    if remote.expire_time is None or remote.expire_time > now:
+        return None
+    return (
+        f"file {remote.index}: expired at {format_time(remote.expire_time)}"
+        f" (seen {format_time(now)})"
+    )
+
+
+def _check_not_expired(task_id: str, remote: RemoteFile) -> None:
+    if (expired := _expiry(remote)) is not None:
+        raise FileExpired(expired, task_id=task_id)
+
+
+async def _watch(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _Stopped
+
+
 def _layout_fields(task: Task) -> LayoutFields:
     return LayoutFields(
         task_id=task.task_id,
@@ -355,12 +437,21 @@ def _layout_fields(task: Task) -> LayoutFields:
 
 
 def _first_fatal(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that stopped the run; a group of bugs stays a group, traceback and all."""
+    """The error that stopped the run; a group of bugs stays a group, traceback and all.
+
+    A real error wins over a stop request that happened at the same time.
+    """
+    leaves = list(_leaves(group))
+    for wanted in (FetcherError, _Stopped):
+        for exc in leaves:
+            if isinstance(exc, wanted):
+                return exc
+    return group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            inner = _first_fatal(exc)
-            if isinstance(inner, FetcherError):
-                return inner
-        elif isinstance(exc, FetcherError):
-            return exc
-    return group
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Self
 
 QUERY_PREFIX = "/tencent-vod/v1/query/"
 DEFAULT_KEY = "replica-secret-key"
+#: An ``endless`` fault stops here even if the client never hangs up.
+ENDLESS_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +34,13 @@ class Fault:
     """One answer served instead of the normal one.
 
     ``status``/``headers``/``body`` replace the answer when ``status`` is set;
-    ``drop_after`` sends the real headers and that many body bytes, then closes
-    the connection; ``delay`` waits before answering (a slow server).
+    ``drop_after`` sends the headers and that many body bytes, then closes the
+    connection (the fault's own body when ``status`` is set, else the real
+    answer); ``delay`` waits before answering (a slow server); ``stall`` waits
+    after what was sent and before closing (a body that stops arriving);
+    ``hang_up`` closes the connection without any answer; ``endless`` sends the
+    headers without a Content-Length and then filler bytes until the client
+    hangs up (a body that keeps going, at most ``ENDLESS_LIMIT`` bytes).
     """
 
     status: int | None = None
@@ -41,6 +48,9 @@ class Fault:
     body: bytes = b""
     drop_after: int | None = None
     delay: float = 0.0
+    stall: float = 0.0
+    hang_up: bool = False
+    endless: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,17 +211,16 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         fault = self.replica._next_fault("api", task_id)
-        if fault is not None and self._serve_fault(fault, None):
+        if fault is not None and self._serve_fault(fault, lambda cut: self._answer(task_id, cut)):
             return
+        self._answer(task_id, None)
+
+    def _answer(self, task_id: str, drop_after: int | None) -> None:
         answer = self.replica._answer_for(task_id)
         if answer is None:
-            self._json(
-                200, error_response("InvalidParameterValue.TaskId", "The task does not exist.")
-            )
-        elif isinstance(answer, bytes):
-            self._send(200, {"Content-Type": "application/json"}, answer)
-        else:
-            self._json(200, answer)
+            answer = error_response("InvalidParameterValue.TaskId", "The task does not exist.")
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self._send(200, {"Content-Type": "application/json"}, body, drop_after=drop_after)
 
     # -- the file host ------------------------------------------------------------------
 
@@ -219,14 +228,16 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         stored = self.replica._file(path)
         fault = self.replica._next_fault("files", path)
-        if fault is not None and self._serve_fault(fault, stored):
-            return
-        if stored is None:
-            self._send(404, {"Content-Type": "text/plain"}, b"Not Found")
+        if fault is not None and self._serve_fault(
+            fault, lambda cut: self._serve_file(stored, cut)
+        ):
             return
         self._serve_file(stored, None)
 
-    def _serve_file(self, stored: _File, drop_after: int | None) -> None:
+    def _serve_file(self, stored: _File | None, drop_after: int | None) -> None:
+        if stored is None:
+            self._send(404, {"Content-Type": "text/plain"}, b"Not Found", drop_after=drop_after)
+            return
         data, status = stored.data, 200
         headers = {
             "Content-Type": stored.content_type,
@@ -246,16 +257,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- shared -------------------------------------------------------------------------
 
-    def _serve_fault(self, fault: Fault, stored: _File | None) -> bool:
-        """Serve ``fault``; False when it only delays and the normal answer should follow."""
+    def _serve_fault(self, fault: Fault, normal: Callable[[int | None], None]) -> bool:
+        """Serve ``fault``; False when it only delays and the normal answer should follow.
+
+        ``normal(drop_after)`` serves the normal answer, cut after that many body bytes.
+        """
         if fault.delay:
             time.sleep(fault.delay)
-        if fault.drop_after is not None and stored is not None:
-            self._serve_file(stored, fault.drop_after)
+        if fault.hang_up:
+            self.close_connection = True
             return True
-        if fault.status is None:
+        if fault.endless:
+            self._send_endless(fault.status or 200, fault.headers, fault.body)
+        elif fault.status is not None:
+            self._send(fault.status, fault.headers, fault.body, drop_after=fault.drop_after)
+        elif fault.drop_after is not None:
+            normal(fault.drop_after)
+        else:
             return False
-        self._send(fault.status, dict(fault.headers), fault.body)
+        if fault.stall:
+            time.sleep(fault.stall)
         return True
 
     def _json(self, status: int, document: Mapping[str, Any]) -> None:
@@ -264,18 +285,39 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, headers: Mapping[str, str], body: bytes, *, drop_after: int | None = None
     ) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if not any(name.lower() == "content-length" for name in headers):
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if drop_after is not None:
-            self.wfile.write(body[:drop_after])
-            self.wfile.flush()
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if not any(name.lower() == "content-length" for name in headers):
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if drop_after is not None:
+                self.wfile.write(body[:drop_after])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up first (a timeout, a refused body): nothing to report.
             self.close_connection = True
-            return
-        self.wfile.write(body)
+
+    def _send_endless(self, status: int, headers: Mapping[str, str], filler: bytes) -> None:
+        """Headers without a length, then filler until the client hangs up; the close ends it."""
+        block = (filler or b"\0") * (65536 // max(1, len(filler)))
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            sent = 0
+            while sent < ENDLESS_LIMIT:
+                self.wfile.write(block)
+                sent += len(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 
 # -- realistic answers ----------------------------------------------------------------------

@@ -285,6 +285,11 @@ class StateDB:
             (task_id, remote.index, remote.url, format_time(remote.expire_time), remote.md5),
         )
 
+    def refresh_file(self, task_id: str, remote: RemoteFile) -> None:
+        """A second query gave the file a fresh URL (and maybe ExpireTime)."""
+        with self.atomic() as conn:
+            self._upsert_file(conn, task_id, remote)
+
     def file_done(
         self,
         task_id: str,

@@ -1,0 +1,350 @@
+"""``fetcher verify``: re-hash the archive against its database, and ``--repair`` what it can.
+
+Every archive here is made by a real fetch run against the replica; damage is done
+to the files on disk (or, for expiry, to the database row) the way it happens in life.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import add_image_task, add_video_task, archived_files, run, run_cli, task_id
+
+from fetcher.archive import Archive
+from fetcher.config import Settings
+from fetcher.errors import LockedError, UsageError
+from fetcher.replica import Replica, png
+from fetcher.verify import VerifyReport, verify_archive
+
+REPORT_KEYS = {
+    "archive",
+    "repair",
+    "checked",
+    "ok",
+    "missing",
+    "corrupt",
+    "repaired",
+    "unrepairable",
+    "exit_code",
+    "problems",
+}
+PROBLEM_KEYS = {"task_id", "index", "path", "problem", "found", "detail"}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def fill(replica: Replica, settings: Settings) -> list[Path]:
+    """Archive a two-image task and a video task; returns the three files, in DB order."""
+    images, video = task_id(1), task_id(2, "AigcVideoTask")
+    add_image_task(replica, images, count=2)
+    add_video_task(replica, video)
+    assert run(settings, images, video).exit_code == 0
+    return [settings.archive / row["path"] for row in file_rows(settings.archive)]
+
+
+def file_rows(archive: Path) -> list[dict[str, Any]]:
+    """The done file rows, ordered the way verify reads them."""
+    uri = f"{(archive / '.fetcher' / 'state.sqlite').as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT task_id, idx, path, size, sha256, expire_time FROM files "
+            "WHERE state = 'done' ORDER BY task_id, idx"
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def expire_in_db(archive: Path, file: Path) -> None:
+    """Move a file row's ExpireTime into the past, as if the run were eight days ago."""
+    relative = str(file.relative_to(archive))
+    with contextlib.closing(sqlite3.connect(archive / ".fetcher" / "state.sqlite")) as conn:
+        changed = conn.execute(
+            "UPDATE files SET expire_time = '2020-01-01T00:00:00Z' WHERE path = ?", (relative,)
+        ).rowcount
+        conn.commit()
+    assert changed == 1
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-7])
+
+
+def verify(settings: Settings, *, repair: bool = False) -> VerifyReport:
+    return verify_archive(settings.archive, repair=repair, settings=settings)
+
+
+def only_problem(report: VerifyReport) -> dict[str, Any]:
+    problems = report.to_json()["problems"]
+    assert len(problems) == 1, problems
+    entry: dict[str, Any] = problems[0]
+    return entry
+
+
+# -- checking -------------------------------------------------------------------------------
+
+
+def test_clean_archive_verifies_ok(replica: Replica, settings: Settings) -> None:
+    """A freshly archived folder: every file checked, all ok, exit 0."""
+    files = fill(replica, settings)
+
+    report = verify(settings)
+
+    assert (report.checked, report.ok, report.missing, report.corrupt) == (3, 3, 0, 0)
+    assert report.problems == []
+    assert report.exit_code == 0
+    assert len(files) == 3
+
+
+def test_deleted_file_is_missing(replica: Replica, settings: Settings) -> None:
+    """A file removed from disk is reported missing, with its task, index and path; exit 1."""
+    files = fill(replica, settings)
+    files[1].unlink()
+    row = file_rows(settings.archive)[1]
+
+    report = verify(settings)
+
+    assert (report.checked, report.ok, report.missing, report.corrupt) == (3, 2, 1, 0)
+    assert only_problem(report) == {
+        "task_id": row["task_id"],
+        "index": row["idx"],
+        "path": row["path"],
+        "problem": "missing",
+        "found": "missing",
+        "detail": "not on disk",
+    }
+    assert report.exit_code == 1
+    assert not files[1].exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "detail"),
+    [
+        pytest.param(flip_byte, "sha256 ", id="one-byte-flipped"),
+        pytest.param(truncate, " bytes, recorded ", id="truncated"),
+    ],
+)
+def test_damaged_file_is_corrupt(
+    replica: Replica, settings: Settings, damage: Any, detail: str
+) -> None:
+    """A file whose bytes or length changed is corrupt; a plain verify leaves it as it is."""
+    files = fill(replica, settings)
+    damage(files[0])
+    damaged = files[0].read_bytes()
+
+    report = verify(settings)
+
+    assert (report.ok, report.missing, report.corrupt) == (2, 0, 1)
+    entry = only_problem(report)
+    assert (entry["problem"], entry["found"]) == ("corrupt", "corrupt")
+    assert detail in entry["detail"]
+    assert report.exit_code == 1
+    assert files[0].read_bytes() == damaged
+
+
+def test_plain_verify_takes_no_lock_and_sends_nothing(replica: Replica, settings: Settings) -> None:
+    """Without --repair verify reads beside a run holding the lock, and sends no request."""
+    files = fill(replica, settings)
+    files[2].unlink()
+    sent = len(replica.requests)
+
+    with Archive(settings.archive).lock():
+        report = verify(settings)
+
+    assert report.missing == 1
+    assert len(replica.requests) == sent
+
+
+# -- repairing ------------------------------------------------------------------------------
+
+
+def test_repair_restores_byte_identical_files(replica: Replica, settings: Settings) -> None:
+    """--repair downloads missing, flipped and truncated files again; the next verify is clean."""
+    files = fill(replica, settings)
+    before, rows_before = archived_files(settings.archive), file_rows(settings.archive)
+    files[0].unlink()
+    flip_byte(files[1])
+    truncate(files[2])
+
+    report = verify(settings, repair=True)
+
+    assert (report.missing, report.corrupt, report.repaired, report.unrepairable) == (1, 2, 3, 0)
+    assert [p["problem"] for p in report.to_json()["problems"]] == ["repaired"] * 3
+    assert [p["found"] for p in report.to_json()["problems"]] == ["missing", "corrupt", "corrupt"]
+    assert report.exit_code == 0
+    assert archived_files(settings.archive) == before
+    assert file_rows(settings.archive) == rows_before
+    again = verify(settings)
+    assert (again.checked, again.ok, again.exit_code) == (3, 3, 0)
+
+
+def test_repair_of_an_expired_url_is_unrepairable(replica: Replica, settings: Settings) -> None:
+    """A corrupt file whose URL has expired is not requested, stays as it is; exit 1."""
+    files = fill(replica, settings)
+    flip_byte(files[0])
+    damaged = files[0].read_bytes()
+    expire_in_db(settings.archive, files[0])
+    sent = len(replica.seen("files"))
+
+    report = verify(settings, repair=True)
+
+    assert (report.corrupt, report.repaired, report.unrepairable) == (1, 0, 1)
+    entry = only_problem(report)
+    assert (entry["problem"], entry["found"]) == ("unrepairable", "corrupt")
+    assert "expired at 2020-01-01T00:00:00Z" in entry["detail"]
+    assert report.exit_code == 1
+    assert len(replica.seen("files")) == sent
+    assert files[0].read_bytes() == damaged
+
+
+def test_repair_of_a_file_the_host_dropped_is_unrepairable(
+    replica: Replica, settings: Settings
+) -> None:
+    """A 404 from the file host before ExpireTime leaves the file unrepairable, with the reason."""
+    files = fill(replica, settings)
+    files[0].unlink()
+    replica.remove_file(f"{task_id(1)}/image_0.png")
+
+    report = verify(settings, repair=True)
+
+    entry = only_problem(report)
+    assert entry["problem"] == "unrepairable"
+    assert "HTTP 404" in entry["detail"]
+    assert report.exit_code == 1
+
+
+def test_repair_never_sends_the_api_key(replica: Replica, settings: Settings) -> None:
+    """Repairs go to the file host only, without Authorization, though settings hold a key."""
+    files = fill(replica, settings)
+    for file in files:
+        file.unlink()
+    api_before, files_before = len(replica.seen("api")), len(replica.seen("files"))
+
+    assert verify(settings, repair=True).repaired == 3
+
+    assert len(replica.seen("api")) == api_before
+    requests = replica.seen("files")[files_before:]
+    assert len(requests) == 3
+    for request in requests:
+        assert "authorization" not in {h.lower() for h in request.headers}
+        assert all(replica.api_key not in v for v in request.headers.values())
+
+
+def test_repair_with_different_bytes_is_replaced_different(
+    replica: Replica, settings: Settings
+) -> None:
+    """When the host now serves other bytes, they replace the file and its DB row and sidecar."""
+    files = fill(replica, settings)
+    flip_byte(files[0])
+    new = png(20, 20, seed=99)
+    replica.add_file(f"{task_id(1)}/image_0.png", new)
+    new_sha = hashlib.sha256(new).hexdigest()
+
+    report = verify(settings, repair=True)
+
+    entry = only_problem(report)
+    assert (entry["problem"], entry["found"]) == ("replaced-different", "corrupt")
+    assert new_sha in entry["detail"]
+    assert report.exit_code == 0
+    assert files[0].read_bytes() == new
+    assert (file_rows(settings.archive)[0]["sha256"], file_rows(settings.archive)[0]["size"]) == (
+        new_sha,
+        len(new),
+    )
+    sidecar = json.loads((files[0].parent / "task.json").read_text("utf-8"))
+    assert (sidecar["files"][0]["sha256"], sidecar["files"][0]["size"]) == (new_sha, len(new))
+    assert verify(settings).exit_code == 0
+
+
+def test_repair_while_locked_is_refused(replica: Replica, settings: Settings) -> None:
+    """--repair needs the archive's lock; another holder means LockedError and no request."""
+    files = fill(replica, settings)
+    files[0].unlink()
+    sent = len(replica.requests)
+
+    with Archive(settings.archive).lock(), pytest.raises(LockedError):
+        verify(settings, repair=True)
+
+    assert len(replica.requests) == sent
+    assert not files[0].exists()
+
+
+def test_verify_without_an_archive_is_a_usage_error(tmp_path: Path, settings: Settings) -> None:
+    """A folder with no state database is a usage error, and verify creates nothing there."""
+    with pytest.raises(UsageError, match="no fetcher archive"):
+        verify_archive(tmp_path / "empty", repair=True, settings=settings)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_verify_json_shape(replica: Replica, settings: Settings) -> None:
+    """to_json: integer counts, repair flag, exit code and one entry per problem file."""
+    files = fill(replica, settings)
+    files[0].unlink()
+
+    document = verify(settings).to_json()
+
+    assert set(document) == REPORT_KEYS
+    for key in ("checked", "ok", "missing", "corrupt", "repaired", "unrepairable", "exit_code"):
+        assert isinstance(document[key], int), key
+    assert document["repair"] is False
+    assert document["archive"] == str(settings.archive)
+    assert [set(p) for p in document["problems"]] == [PROBLEM_KEYS]
+    assert isinstance(document["problems"][0]["index"], int)
+    json.dumps(document)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_cli_verify_exits_0_when_clean_and_1_when_not(replica: Replica, settings: Settings) -> None:
+    """`fetcher verify` exits 0 on a clean archive, 1 with a missing file; --json parses."""
+    files = fill(replica, settings)
+    archive = str(settings.archive)
+
+    clean = run_cli(["verify", "--archive", archive])
+    assert clean.returncode == 0, clean.stderr
+    assert "3 files checked: 3 ok, 0 missing, 0 corrupt" in clean.stdout
+    quiet = run_cli(["verify", "--archive", archive, "-q"])
+    assert (quiet.returncode, quiet.stdout) == (0, "")
+
+    files[0].unlink()
+    broken = run_cli(["verify", "--archive", archive, "--json"])
+    assert broken.returncode == 1, broken.stderr
+    document = json.loads(broken.stdout)
+    assert (document["missing"], document["exit_code"]) == (1, 1)
+
+
+def test_cli_verify_repair_exits_0_once_repaired(replica: Replica, settings: Settings) -> None:
+    """`fetcher verify --repair` restores the file over loopback and exits 0."""
+    files = fill(replica, settings)
+    data = files[0].read_bytes()
+    files[0].unlink()
+
+    result = run_cli(["verify", "--repair", "--no-progress", "--archive", str(settings.archive)])
+
+    assert result.returncode == 0, result.stderr
+    assert "1 repaired, 0 unrepairable" in result.stdout
+    assert files[0].read_bytes() == data
+
+
+def test_cli_verify_without_an_archive_is_one_error_line(tmp_path: Path) -> None:
+    """A folder without an archive: exit 2, one `fetcher: error:` line, nothing on stdout."""
+    result = run_cli(["verify", "--archive", str(tmp_path / "nothing-here")])
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fetcher: error: no fetcher archive at "), lines[0]
