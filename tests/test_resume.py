@@ -231,3 +231,34 @@ def test_expired_file_records_when_it_was_seen(
     got = summary.tasks[0]
     assert got.outcome is Outcome.EXPIRED
     assert "expired at" in str(got.reason) and "seen" in str(got.reason)
+
+
+def test_two_runs_at_once_one_works_one_exits_75(replica: Replica, tmp_path: Path) -> None:
+    """Two runs started together on one archive: one archives everything, the other exits 75."""
+    tids = [task_id(20 + n, "AigcVideoTask") for n in range(3)]
+    datas = {tid: add_video_task(replica, tid, size=100_000 + n) for n, tid in enumerate(tids)}
+    for tid in tids:  # slow enough that the runs overlap
+        replica.fault("files", f"{tid}/video.mp4", Fault(delay=0.4))
+    archive = tmp_path / "archive"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env.update(
+        FETCHER_BASE_URL=replica.api_url,
+        FETCHER_API_KEY=replica.api_key,
+        FETCHER_ARCHIVE=str(archive),
+        XDG_CONFIG_HOME=str(tmp_path / "no-config"),
+    )
+    ids = [arg for tid in tids for arg in ("--id", tid)]
+    command = [sys.executable, "-m", "fetcher", "fetch", *ids, "-q"]
+    procs = [
+        subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=30), p.stderr.read() if p.stderr else "") for p in procs)
+    for proc in procs:
+        if proc.stderr:
+            proc.stderr.close()
+
+    assert [code for code, _ in results] == [0, 75], results
+    assert "holds the lock" in results[1][1]
+    videos = {k: v for k, v in archived_files(archive).items() if k.endswith(".mp4")}
+    assert sorted(videos.values()) == sorted(datas.values())
+    assert len(replica.seen("files")) == 3
