@@ -1,8 +1,8 @@
 """The ``fetcher`` command: parse flags, call the core, map errors to exit codes.
 
 This is the only module that reads argv and the environment, prints, or exits;
-everything it does is one call into :mod:`fetcher.pipeline`, :mod:`fetcher.status`
-or :mod:`fetcher.demo`, and one error boundary around it.
+everything it does is one call into :mod:`fetcher.pipeline`, :mod:`fetcher.status`,
+:mod:`fetcher.verify` or :mod:`fetcher.demo`, and one error boundary around it.
 """
 
 from __future__ import annotations
