@@ -170,7 +170,9 @@ class Downloader:
             attempt += 1
             try:
                 done = await self._attempt(task_id, remote, work)
-            except FileExpired:
+            except DownloadError:
+                # Refused outright (gone, too large, bad redirect): the bytes so far
+                # serve no later attempt. Only a transient failure keeps them.
                 work.discard()
                 raise
             except _Retry as exc:
