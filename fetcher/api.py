@@ -11,7 +11,6 @@ fail the same way.
 from __future__ import annotations
 
 import asyncio
-import json
 from types import TracebackType
 from typing import Self
 from urllib.parse import quote, urlsplit
@@ -20,7 +19,7 @@ import httpx
 
 from . import __version__
 from .errors import AuthError, QueryError, ResponseError, TaskNotFound
-from .models import ApiErrorCode, Task, parse_task
+from .models import ApiErrorCode, Task, load_json, one_line, parse_task
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, parse_retry_after
 
 QUERY_PATH = "/tencent-vod/v1/query/"
@@ -162,10 +161,10 @@ class ApiClient:
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""
         try:
-            document = json.loads(body)
+            document = load_json(body)
             message = document["error"]["message"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return ""
-        if not isinstance(message, str) or not message.strip():
+        if not isinstance(message, str) or not one_line(message):
             return ""
-        return ": " + message.strip().replace(self._key, "***")[:200]
+        return ": " + one_line(message).replace(self._key, "***")[:200]

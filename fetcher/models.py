@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 from .errors import QueryError, ResponseError, TaskNotFound
 
@@ -27,6 +32,8 @@ AUTH_CODES = ("AuthFailure", "UnauthorizedOperation")
 #: Where a task object keeps its downloadable outputs: lists, then single objects.
 _OUTPUT_LISTS = ("FileInfos", "VideoInfos", "AudioInfos")
 _OUTPUT_SINGLES = ("FileInfo",)
+#: Half a UTF-16 pair: JSON's ``\udXXX`` escapes can carry one alone, UTF-8 cannot store it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TaskState(enum.StrEnum):
@@ -110,6 +117,52 @@ def parse_time(value: object) -> datetime | None:
         return None
 
 
+def load_json(body: bytes) -> Any:
+    """``json.loads``, keeping only what can be stored and written back as JSON.
+
+    A lone UTF-16 surrogate (a prompt cut mid-emoji by some client) becomes U+FFFD,
+    since neither SQLite nor a UTF-8 file can hold it; ``NaN``, ``Infinity`` and
+    numbers too large for a float become ``null``, since JSON cannot express them.
+    Raises ``ValueError`` (or ``RecursionError``) for a body that is not JSON.
+    """
+    return json.loads(
+        body,
+        object_pairs_hook=_clean_object,
+        parse_constant=lambda _: None,
+        parse_float=_finite_float,
+    )
+
+
+def _clean_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {_clean_text(key): _clean_value(value) for key, value in pairs}
+
+
+def _clean_value(value: Any) -> Any:
+    """Strings and lists of them; objects inside were cleaned when they were built."""
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, list):
+        return [_clean_value(item) for item in value]
+    return value
+
+
+def _clean_text(text: str) -> str:
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _finite_float(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def one_line(text: str) -> str:
+    """API text fit for a one-line reason, its control, format and separator characters blanked.
+
+    Newlines, ESC, NUL, U+2028 and the like become spaces; runs of spaces collapse.
+    """
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
 def format_time(value: datetime | None) -> str | None:
     """The one textual form fetcher writes for times: ISO 8601 UTC with ``Z``."""
     if value is None:
@@ -125,7 +178,7 @@ def parse_task(task_id: str, body: bytes) -> Task:
     not the shape the API documents. Never raises anything else.
     """
     try:
-        document = json.loads(body)
+        document = load_json(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ResponseError("response is not valid JSON", task_id=task_id) from exc
     response = _mapping(document, "Response", task_id)
@@ -138,8 +191,8 @@ def parse_task(task_id: str, body: bytes) -> Task:
 def _raise_api_error(task_id: str, error: object) -> None:
     if not isinstance(error, Mapping):
         raise ResponseError("Response.Error is not an object", task_id=task_id)
-    code = str(error.get("Code") or "UnknownError")
-    message = str(error.get("Message") or "").strip() or "no message"
+    code = one_line(str(error.get("Code") or "")) or "UnknownError"
+    message = one_line(str(error.get("Message") or "")) or "no message"
     if code.startswith(NOT_FOUND_CODES):
         raise TaskNotFound(f"unknown task ({code}: {message})", task_id=task_id)
     raise ApiErrorCode(code, message, task_id=task_id)
@@ -193,7 +246,7 @@ def _failure(status: str, task_obj: Mapping[str, Any]) -> str | None:
     if not (failed_code or inner == "FAIL" or status == "ABORTED"):
         return None
     parts = [
-        str(part)
+        one_line(str(part))
         for part in (
             "aborted" if status == "ABORTED" else None,
             f"ErrCode {err_code}" if failed_code else None,
@@ -202,6 +255,7 @@ def _failure(status: str, task_obj: Mapping[str, Any]) -> str | None:
         )
         if part
     ]
+    parts = [part for part in parts if part]
     return ": ".join(parts) if parts else "task failed"
 
 
@@ -229,6 +283,11 @@ def _parse_file(index: int, entry: object, task_id: str) -> RemoteFile:
     url = entry.get("FileUrl") or entry.get("Url")
     if not isinstance(url, str) or not url.strip():
         raise ResponseError(f"output file {index} has no FileUrl", task_id=task_id)
+    problem = _url_problem(url.strip())
+    if problem is not None:
+        raise ResponseError(
+            f"output file {index} has an unusable FileUrl: {problem}", task_id=task_id
+        )
     meta = entry.get("MetaData")
     meta = meta if isinstance(meta, Mapping) else {}
     md5 = meta.get("Md5")
@@ -241,6 +300,16 @@ def _parse_file(index: int, entry: object, task_id: str) -> RemoteFile:
         size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
         file_type=_opt_str(entry.get("FileType")),
     )
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot even be parsed by what later handles it, or None if it can."""
+    try:
+        _ = urlsplit(url).port  # the same-origin check reads the port this way
+        httpx.URL(url)  # and this is the URL the download sends
+    except (ValueError, httpx.InvalidURL) as exc:
+        return one_line(str(exc)) or type(exc).__name__
+    return None
 
 
 def _is_md5(value: str) -> bool:

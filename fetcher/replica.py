@@ -61,6 +61,8 @@ class Seen:
     method: str
     path: str
     headers: Mapping[str, str]
+    #: ``time.monotonic()`` when the request arrived: how long a client waited between tries.
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
