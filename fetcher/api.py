@@ -20,7 +20,7 @@ import httpx
 from . import __version__
 from .errors import AuthError, QueryError, ResponseError, TaskNotFound
 from .models import ApiErrorCode, Task, load_json, one_line, parse_task
-from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, parse_retry_after
+from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
 
 QUERY_PATH = "/tencent-vod/v1/query/"
 #: A query answer is a few KiB; anything past this is not an answer.
@@ -98,9 +98,8 @@ class ApiClient:
                 return await self._attempt(task_id)
             except _Transient as exc:
                 if attempt > self._policy.retries:
-                    tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
                     raise QueryError(
-                        f"query failed after {tries}: {exc.reason}", task_id=task_id
+                        f"query failed after {attempts(attempt)}: {exc.reason}", task_id=task_id
                     ) from None
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
 

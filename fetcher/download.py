@@ -31,7 +31,7 @@ import httpx
 from .api import USER_AGENT, origin_of
 from .errors import DownloadError, FileExpired, FileGone, IntegrityError
 from .models import RemoteFile
-from .retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 
 #: Writes are gathered into blocks this size: fewer thread hand-offs, bounded memory.
 WRITE_BLOCK = 1024 * 1024
@@ -181,12 +181,12 @@ class Downloader:
                 if attempt > self._policy.retries:
                     if exc.restart:
                         raise IntegrityError(
-                            f"file {remote.index}: {exc.reason} (after {attempt} attempts)",
+                            f"file {remote.index}: {exc.reason} (after {attempts(attempt)})",
                             task_id=task_id,
                             url=remote.url,
                         ) from None
                     raise DownloadError(
-                        f"file {remote.index}: {exc.reason} (after {attempt} attempts)",
+                        f"file {remote.index}: {exc.reason} (after {attempts(attempt)})",
                         task_id=task_id,
                         url=remote.url,
                     ) from None
@@ -196,11 +196,14 @@ class Downloader:
                 return done
 
     def _check_url(self, task_id: str, url: str) -> None:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https") or not urlsplit(url).hostname:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
             raise DownloadError(
-                f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id
+                f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id, url=url
             )
+        if not parts.hostname:
+            raise DownloadError("refusing FileUrl without a host", task_id=task_id, url=url)
         if self._api_origin is not None and origin_of(url) == self._api_origin:
             raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
 
@@ -301,7 +304,8 @@ class Downloader:
                     size += len(chunk)
                     if size > self._max_size:
                         raise DownloadError(
-                            f"file {remote.index}: body passes the {self._max_size}-byte limit"
+                            f"file {remote.index}: body passes the {self._max_size}-byte limit",
+                            url=remote.url,
                         )
                     sha256.update(chunk)
                     md5.update(chunk)

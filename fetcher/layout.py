@@ -93,12 +93,22 @@ def _render_field(fields: LayoutFields, name: str, spec: str) -> str:
         return "unknown"
     if name in _DATE_FIELDS:
         return format(value, spec or "%Y-%m-%d")
-    return format(_UNSAFE.sub("_", str(value)), spec)
+    return format(_visible(str(value)), spec)
+
+
+def _visible(text: str) -> str:
+    """Separators and characters that would let a name lie about itself become ``_``.
+
+    Beyond the ASCII and C1 controls, that is every character Python calls
+    unprintable: format characters (a right-to-left override, zero-width joiners),
+    line and paragraph separators, and spaces other than the plain one.
+    """
+    return "".join(c if c.isprintable() else "_" for c in _UNSAFE.sub("_", text))
 
 
 def safe_segment(text: str) -> str:
     """One path segment that cannot escape its folder, hide itself or exceed 255 bytes."""
-    cleaned = _UNSAFE.sub("_", text).strip()
+    cleaned = _visible(text).strip()
     if not cleaned or cleaned.startswith("."):
         cleaned = "_" + cleaned
     encoded = cleaned.encode("utf-8")

@@ -51,6 +51,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+def attempts(count: int) -> str:
+    """``1 attempt``, ``3 attempts``: how failure reasons count tries."""
+    return "1 attempt" if count == 1 else f"{count} attempts"
+
+
 class RateLimiter:
     """Spaces calls at least ``1/rate`` seconds apart, shared by every worker."""
 
