@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, TextIO
 
@@ -70,7 +71,14 @@ class LogProgress:
     def task_done(self, outcome: TaskOutcome) -> None:
         if outcome.outcome is Outcome.INVALID:
             return  # already said by message(), with its line number
-        log.log(_LEVELS[outcome.outcome], "%s", describe(outcome))
+        level = _LEVELS[outcome.outcome]
+        if log.isEnabledFor(level):
+            log.log(level, "%s", describe(outcome))
+
+    def archived_before(self, task_ids: Sequence[str]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            for task_id in task_ids:
+                log.debug("%s", describe(TaskOutcome(task_id, Outcome.ALREADY_ARCHIVED)))
 
     def file_queued(self, size: int | None) -> None:
         pass
@@ -114,6 +122,10 @@ class BarProgress(LogProgress):
     def task_done(self, outcome: TaskOutcome) -> None:
         super().task_done(outcome)
         self._tasks.update(1)
+
+    def archived_before(self, task_ids: Sequence[str]) -> None:
+        super().archived_before(task_ids)
+        self._tasks.update(len(task_ids))
 
     def file_queued(self, size: int | None) -> None:
         self._files.total += 1

@@ -221,15 +221,20 @@ class _Run:
     async def _admit(self, ids: list[str], queries: asyncio.Queue[str | None]) -> None:
         """Settle what the database already knows; queue the rest for a query."""
         fresh, known = self.db.first_sight(ids)
+        before: list[str] = []
         for task_id in fresh:
             state = known.get(task_id)
             if state is not None and state.state == ARCHIVED:
-                self._outcome(TaskOutcome(task_id, Outcome.ALREADY_ARCHIVED))
+                before.append(task_id)
             elif state is not None and state.final and not self.options.retry_failed:
                 reason = f"{state.state} in an earlier run: {state.reason}"
                 self._outcome(TaskOutcome(task_id, Outcome.SKIPPED, reason))
             else:
                 await queries.put(task_id)
+        if before:
+            # The cron case: most of a long list. Counted in bulk, no object per task.
+            self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)
+            self.progress.archived_before(before)
 
     # -- queries ------------------------------------------------------------------------
 

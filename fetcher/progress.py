@@ -6,6 +6,7 @@ or plain log lines; library callers and tests use :class:`NullProgress`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from .summary import TaskOutcome
@@ -16,6 +17,9 @@ class Progress(Protocol):
 
     def task_done(self, outcome: TaskOutcome) -> None:
         """A task reached its outcome for this run."""
+
+    def archived_before(self, task_ids: Sequence[str]) -> None:
+        """These tasks were archived by an earlier run; nothing was sent for them."""
 
     def file_queued(self, size: int | None) -> None:
         """A file joined the download queue (``size`` when the API said)."""
@@ -34,6 +38,9 @@ class NullProgress:
     """A listener that ignores everything."""
 
     def task_done(self, outcome: TaskOutcome) -> None:
+        pass
+
+    def archived_before(self, task_ids: Sequence[str]) -> None:
         pass
 
     def file_queued(self, size: int | None) -> None:

@@ -9,6 +9,7 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,8 +24,10 @@ from .layout import safe_segment
 from .models import RemoteFile, Task, format_time
 
 SCHEMA_VERSION = 1
-#: Keeps ``IN (...)`` lists well under SQLite's variable limit.
-BATCH = 500
+#: IDs looked up per statement (passed as one JSON array, so no variable limit).
+BATCH = 2000
+#: Page cache: random lookups over a million tasks thrash SQLite's default 2 MB.
+CACHE_KIB = 16384
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -108,6 +111,9 @@ class StateDB:
         self.path = path
         self._readonly = readonly
         self._conn: sqlite3.Connection | None = None
+        #: Tasks with a rowid up to this were in the database when the run began.
+        self._rowid_limit = 0
+        self._marks = bytearray(1)
 
     def __enter__(self) -> Self:
         try:
@@ -121,12 +127,18 @@ class StateDB:
                 conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
+                conn.execute("PRAGMA temp_store=MEMORY")
                 conn.execute("CREATE TEMP TABLE seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
             conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         except sqlite3.Error as exc:
             raise ArchiveError(f"cannot open state database {str(self.path)!r}: {exc}") from exc
         self._conn = conn
         self._check_schema()
+        if not self._readonly:
+            row = self._query_one("SELECT COALESCE(MAX(rowid), 0) FROM tasks")
+            self._rowid_limit = int(str(row[0])) if row else 0
+            self._marks = bytearray(self._rowid_limit // 8 + 1)
         return self
 
     def __exit__(
@@ -186,29 +198,54 @@ class StateDB:
     def first_sight(self, ids: Sequence[str]) -> tuple[list[str], dict[str, Known]]:
         """Of ``ids``, those not seen before in this run, and what is known of them.
 
-        Duplicates are dropped against a temporary table rather than a Python set,
-        so a list of millions of IDs does not grow the process.
+        A cron list of a million archived IDs must not grow the process or crawl,
+        so no set of strings: a task the database held when the run began is
+        recognised again by one bit for its rowid (a million tasks: 125 KB), and
+        only IDs it did not hold go into a temporary table.
         """
         fresh: list[str] = []
         known: dict[str, Known] = {}
         for start in range(0, len(ids), BATCH):
             chunk = list(dict.fromkeys(ids[start : start + BATCH]))
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT task_id FROM seen WHERE task_id IN ({marks})"  # noqa: S608
-            seen = {r[0] for r in self._query(sql, chunk)}
-            chunk = [i for i in chunk if i not in seen]
-            if not chunk:
-                continue
-            marks = ",".join("?" * len(chunk))
-            with self.atomic() as conn:
-                conn.executemany("INSERT INTO seen VALUES (?)", ((i,) for i in chunk))
-            for task_id, state, final, reason in self._query(
-                f"SELECT task_id, state, final, reason FROM tasks WHERE task_id IN ({marks})",  # noqa: S608
-                chunk,
-            ):
-                known[str(task_id)] = Known(str(state), bool(final), _opt(reason))
-            fresh.extend(chunk)
+            rows = {
+                str(task_id): (int(str(rowid)), Known(str(state), bool(final), _opt(reason)))
+                for rowid, task_id, state, final, reason in self._query(
+                    "SELECT rowid, task_id, state, final, reason FROM tasks "
+                    "WHERE task_id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(chunk),),
+                )
+            }
+            newcomers = [i for i in chunk if i not in rows or rows[i][0] > self._rowid_limit]
+            first_time = self._first_time(newcomers)
+            for task_id in chunk:
+                row = rows.get(task_id)
+                if row is not None and row[0] <= self._rowid_limit:
+                    if not self._mark(row[0]):
+                        continue
+                elif task_id not in first_time:
+                    continue
+                fresh.append(task_id)
+                if row is not None:
+                    known[task_id] = row[1]
         return fresh, known
+
+    def _mark(self, rowid: int) -> bool:
+        """Set the bit for ``rowid``; False when it was already set (a duplicate)."""
+        byte, bit = divmod(rowid, 8)
+        if self._marks[byte] >> bit & 1:
+            return False
+        self._marks[byte] |= 1 << bit
+        return True
+
+    def _first_time(self, task_ids: list[str]) -> set[str]:
+        """Of IDs the database did not hold at the start, those this run has not met yet."""
+        if not task_ids:
+            return set()
+        rows = self._query(
+            "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?) RETURNING task_id",
+            (json.dumps(task_ids),),
+        )
+        return {str(r[0]) for r in rows}
 
     def unfinished_ids(self) -> list[str]:
         """Tasks a ``--pending`` run re-queries: still running, or interrupted mid-download."""
