@@ -12,10 +12,8 @@ up: the caller renames the verified work file into the archive.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import mimetypes
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,16 +23,14 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
-import aiofiles
 import httpx
 
 from .api import USER_AGENT, origin_of
 from .errors import DownloadError, FileExpired, FileGone, IntegrityError
 from .models import RemoteFile
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
+from .sink import ShortWorkFile, WorkSink
 
-#: Writes are gathered into blocks this size: fewer thread hand-offs, bounded memory.
-WRITE_BLOCK = 1024 * 1024
 MAX_REDIRECTS = 5
 GONE_STATUSES = frozenset({403, 404, 410})
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
@@ -267,62 +263,42 @@ class Downloader:
         if content_type == "text/html" and remote.file_type not in ("text", "html"):
             raise _Retry("file host sent an HTML page instead of the file", restart=True)
         work.begin(_validator(response.headers))
-        sha256, md5 = await _seed_hashes(work.path, start)
-        size = await self._stream_to(work.path, response, start, sha256, md5, remote)
+        sink = await self._stream_to(work, response, start, remote)
+        size = sink.size
         if total is not None and size != total:
             raise _Retry(f"body ended after {size} of {total} bytes")
         if size == 0:
             raise _Retry("file host sent an empty body", restart=True)
-        if remote.md5 is not None and md5.hexdigest() != remote.md5:
+        if remote.md5 is not None and sink.md5 != remote.md5:
             raise _Retry("MD5 does not match the API's MetaData.Md5", restart=True)
         return Downloaded(
             path=work.path,
             size=size,
-            sha256=sha256.hexdigest(),
+            sha256=sink.sha256,
             content_type=content_type,
             extension=extension_for(remote.url, content_type),
         )
 
     async def _stream_to(
-        self,
-        work_path: Path,
-        response: httpx.Response,
-        start: int,
-        sha256: hashlib._Hash,
-        md5: hashlib._Hash,
-        remote: RemoteFile,
-    ) -> int:
-        size = start
-        block = bytearray()
+        self, work: _WorkFile, response: httpx.Response, start: int, remote: RemoteFile
+    ) -> WorkSink:
         encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         chunks = response.aiter_bytes() if encoded else response.aiter_raw()
-        async with aiofiles.open(work_path, "r+b" if start else "wb") as handle:
-            await handle.seek(start)
-            await handle.truncate()
-            try:
+        try:
+            async with WorkSink(work.path, start, md5=remote.md5 is not None) as sink:
                 async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self._max_size:
+                    if sink.size + len(chunk) > self._max_size:
                         raise DownloadError(
                             f"file {remote.index}: body passes the {self._max_size}-byte limit",
                             url=remote.url,
                         )
-                    sha256.update(chunk)
-                    md5.update(chunk)
-                    block += chunk
+                    await sink.write(chunk)
                     if self._on_bytes is not None:
                         self._on_bytes(len(chunk))
-                    if len(block) >= WRITE_BLOCK:
-                        await handle.write(bytes(block))
-                        block.clear()
-            finally:
-                # Even when the connection drops: what arrived stays on disk, so the
-                # next attempt resumes after it instead of starting over.
-                if block:
-                    await handle.write(bytes(block))
-            await handle.flush()
-            await asyncio.to_thread(os.fsync, handle.fileno())
-        return size
+                await sink.sync()
+        except ShortWorkFile:
+            raise _Retry("work file shorter than its record says", restart=True) from None
+        return sink
 
 
 def _validator(headers: httpx.Headers) -> str | None:
@@ -356,23 +332,6 @@ def _content_type(response: httpx.Response) -> str | None:
     if not value:
         return None
     return value.split(";", 1)[0].strip().lower() or None
-
-
-async def _seed_hashes(work_path: Path, start: int) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """Hashers primed with the bytes already on disk, so a resumed file hashes whole."""
-    sha256 = hashlib.sha256()
-    md5 = hashlib.md5(usedforsecurity=False)
-    if start:
-        async with aiofiles.open(work_path, "rb") as handle:
-            remaining = start
-            while remaining:
-                chunk = await handle.read(min(WRITE_BLOCK, remaining))
-                if not chunk:
-                    raise _Retry("work file shorter than expected", restart=True)
-                sha256.update(chunk)
-                md5.update(chunk)
-                remaining -= len(chunk)
-    return sha256, md5
 
 
 def extension_for(url: str, content_type: str | None) -> str:

@@ -24,8 +24,8 @@ import pytest
 from conftest import ROOT, add_image_task, add_video_task, archived_files, task_id
 
 from fetcher.archive import Archive
-from fetcher.download import WRITE_BLOCK
 from fetcher.replica import Fault, Replica
+from fetcher.sink import BLOCK as WRITE_BLOCK
 
 #: The wrapper: ``CRASH_AT="event|path suffix|N|mode"`` picks the Nth audit event
 #: named ``event`` whose first argument ends with the suffix. Modes: ``before``
