@@ -96,8 +96,14 @@ class _WorkFile:
         except FileNotFoundError:
             return 0
 
-    def begin(self, validator: str | None) -> None:
-        """A response is about to be written: remember which one."""
+    def begin(self, validator: str | None, start: int) -> None:
+        """A response is about to be written from ``start``: remember which one.
+
+        Bytes of an older response go first, before the record names the new one,
+        so no later resume can splice the two.
+        """
+        if start == 0:
+            self.path.unlink(missing_ok=True)
         self.validator = validator
         if validator is None:
             self.meta.unlink(missing_ok=True)
@@ -262,7 +268,7 @@ class Downloader:
         content_type = _content_type(response)
         if content_type == "text/html" and remote.file_type not in ("text", "html"):
             raise _Retry("file host sent an HTML page instead of the file", restart=True)
-        work.begin(_validator(response.headers))
+        work.begin(_validator(response.headers), start)
         sink = await self._stream_to(work, response, start, remote)
         size = sink.size
         if total is not None and size != total:

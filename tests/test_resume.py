@@ -262,3 +262,22 @@ def test_two_runs_at_once_one_works_one_exits_75(replica: Replica, tmp_path: Pat
     videos = {k: v for k, v in archived_files(archive).items() if k.endswith(".mp4")}
     assert sorted(videos.values()) == sorted(datas.values())
     assert len(replica.seen("files")) == 3
+
+
+def test_no_splice_when_a_new_version_drops_before_its_first_byte(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """Old partial bytes never join a newer file, even if the newer one drops at once."""
+    tid = task_id(30, "AigcVideoTask")
+    add_video_task(replica, tid, size=300_000)
+    replica.fault("files", f"{tid}/video.mp4", Fault(drop_after=120_000))
+    run(tweak(settings, retries=0), tid)  # 120,000 bytes of the first version kept
+    changed = pseudo_video(300_000, seed=7)
+    replica.add_file(f"{tid}/video.mp4", changed, "video/mp4")
+    replica.fault("files", f"{tid}/video.mp4", Fault(drop_after=0))
+    run(tweak(settings, retries=0), tid)  # the new version's headers, then nothing
+
+    final = run(settings, tid)
+
+    assert final.counts[Outcome.ARCHIVED] == 1
+    assert archived_files(archive_dir)[f"{final.tasks[0].folder}/00.mp4"] == changed
