@@ -1,0 +1,1131 @@
+"""Benchmark ``fetcher fetch`` against curl and aria2c over a loopback nginx.
+
+Workloads are built in a RAM-backed folder (/dev/shm) one at a time and served
+by an nginx this script starts as a foreground child: the query API (JSON files,
+401 without the right bearer key) on one port, the files (sendfile) on another,
+so the key never reaches the file origin. Every run gets a fresh output folder
+on the same filesystem, tools alternate run by run, and each run is measured
+for wall time (perf_counter around the child), peak RSS (``os.wait4``'s
+``ru_maxrss`` of the tool; see :func:`become_subreaper`) and requests (lines nginx
+added to its access logs).
+
+    python bench/run.py [--runs N] [--workloads a,b,c,d,e] [--out bench/out] [--quick]
+    python bench/run.py --profile --workloads a,b    # fetcher under py-spy instead
+
+Needs nginx, aria2c and curl on PATH (``apt-get install -y nginx aria2 curl``)
+and is run with the Python that has fetcher installed. It installs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+SHM = Path("/dev/shm")  # noqa: S108 (RAM-backed on purpose: the disk must not be measured)
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "bench-key-not-a-secret"
+APPID = "1392336703"
+SH = "/bin/sh"
+INSTALL_LINE = "apt-get update && apt-get install -y nginx aria2 curl"
+FETCHER_FLAGS = ("--concurrency", "16", "--downloads", "16", "--rate", "100000")
+FETCHER_OUTPUT = ("--no-progress", "-q", "--json")
+PARALLEL = 16
+RUN_TIMEOUT = 900.0
+HELP_RUNS = 10
+TOOLS = ("fetcher", "curl", "aria2c")
+C64 = "fetcher (64 MiB file)"
+
+
+# -- what is measured -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One workload: what it holds and which tools run it."""
+
+    key: str
+    title: str
+    tasks: int
+    file_size: int
+    tools: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.tasks * self.file_size
+
+
+@dataclass(slots=True)
+class Measure:
+    """One run of one tool on one workload."""
+
+    workload: str
+    tool: str
+    run: int
+    wall: float
+    rss_kib: int
+    exit_code: int
+    api_requests: int
+    file_requests: int
+    bytes: int
+    tasks: int
+    ok: bool
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """Absolute paths of the programs the benchmark runs."""
+
+    fetcher: str
+    curl: str
+    aria2c: str
+    nginx: str
+
+
+@dataclass(slots=True)
+class Bench:
+    """Everything one benchmark session owns."""
+
+    args: argparse.Namespace
+    tools: Tools
+    work: Path
+    out: Path
+    api_url: str = ""
+    files_url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    results: list[Measure] = field(default_factory=list)
+    d_base: Path | None = None
+
+    @property
+    def api_dir(self) -> Path:
+        return self.work / "api"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.work / "files"
+
+    @property
+    def lists_dir(self) -> Path:
+        return self.work / "lists"
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    c_size = 256 * MiB if quick else GiB
+    c_title = f"1 task x one {c_size // MiB} MiB file" if quick else "1 task x one 1 GiB file"
+    return {
+        "a": Workload("a", "2,000 tasks x one 256 KiB file", 2000, 256 * KiB, TOOLS),
+        "b": Workload("b", "40 tasks x one 64 MiB file", 40, 64 * MiB, TOOLS),
+        "c": Workload("c", c_title, 1, c_size, (*TOOLS, C64)),
+        "d": Workload("d", "re-run of (a) over the finished archive", 2000, 0, ("fetcher",)),
+        "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher",)),
+    }
+
+
+# -- prerequisites ----------------------------------------------------------------------
+
+
+def find_tools() -> tuple[Tools | None, list[str]]:
+    """Locate every program; say what is missing instead of installing it."""
+    missing: list[str] = []
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    found = {name: shutil.which(name, path=search) for name in ("nginx", "curl", "aria2c")}
+    for name, path in found.items():
+        if path is None:
+            package = "aria2" if name == "aria2c" else name
+            missing.append(f"{name} (Debian package {package!r})")
+    sibling = Path(sys.executable).parent / "fetcher"
+    fetcher = str(sibling) if sibling.is_file() else shutil.which("fetcher")
+    if fetcher is None:
+        missing.append("the fetcher command (pip install -e . into this Python's venv)")
+    if importlib.util.find_spec("fetcher") is None:
+        missing.append(f"the fetcher package importable by {sys.executable} (run with its venv)")
+    if not SHM.is_dir():
+        missing.append(f"{SHM} (a RAM-backed tmpfs)")
+    if missing or fetcher is None:
+        return None, missing
+    return Tools(fetcher, str(found["curl"]), str(found["aria2c"]), str(found["nginx"])), []
+
+
+def shm_needed(selected: Sequence[Workload]) -> int:
+    """Peak bytes in /dev/shm: one workload's data and one output copy, plus (d)'s archive."""
+    kept = 600 * MiB if any(w.key == "d" for w in selected) else 0
+    peak = 0
+    for w in selected:
+        if w.key in ("d", "e"):  # an archive of about 500 MB and its per-run copy
+            peak = max(peak, 2 * 600 * MiB)
+        else:  # only (a)'s files are distinct; (b) hard-links one file; (c) adds a 64 MiB twin
+            data = w.total_bytes if w.key == "a" else w.file_size
+            peak = max(peak, data + w.total_bytes + 128 * MiB + kept)
+    return peak
+
+
+# -- building workloads -----------------------------------------------------------------
+
+
+def task_id(workload: str, task_type: str, n: int) -> str:
+    digest = hashlib.md5(f"{workload}-{n}".encode(), usedforsecurity=False).hexdigest()
+    return f"{APPID}-{task_type}-{digest}t"
+
+
+def write_random(path: Path, size: int) -> str:
+    """A file of ``size`` random bytes; returns its MD5."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    with path.open("wb") as handle:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 16 * MiB))
+            md5.update(chunk)
+            handle.write(chunk)
+            left -= len(chunk)
+    return md5.hexdigest()
+
+
+def build_files(bench: Bench, w: Workload, name: str, *, distinct: bool) -> list[tuple[str, str]]:
+    """Serve ``w.tasks`` files under ``/<name>/``; returns (url, md5) per task.
+
+    With ``distinct`` off every file is a hard link to the first: the transfer is the
+    same, and /dev/shm holds one copy.
+    """
+    folder = bench.files_dir / name
+    folder.mkdir(parents=True)
+    ext = "png" if w.key == "a" else "mp4"
+    first_md5 = ""
+    out: list[tuple[str, str]] = []
+    for n in range(w.tasks):
+        path = folder / f"{n:06d}.{ext}"
+        if distinct or n == 0:
+            md5 = write_random(path, w.file_size)
+            first_md5 = first_md5 or md5
+        else:
+            path.hardlink_to(folder / f"000000.{ext}")
+            md5 = first_md5
+        out.append((f"{bench.files_url}/{name}/{path.name}", md5))
+    return out
+
+
+def build_tasks(bench: Bench, w: Workload, name: str, files: list[tuple[str, str]]) -> None:
+    """Query JSON per task (the replica's own shape), and the three tools' input lists."""
+    from fetcher.replica import file_info, task_response
+
+    image = w.key == "a"
+    task_type = "AigcImageTask" if image else "AigcVideoTask"
+    ids: list[str] = []
+    for n, (url, md5) in enumerate(files):
+        tid = task_id(name, task_type, n)
+        info = file_info(url, md5=md5, size=w.file_size, file_type="image" if image else "video")
+        model = ("GEM", "2.5") if image else ("Kling", "2.1")
+        body = task_response(tid, task_type=task_type, files=[info], model=model)
+        (bench.api_dir / tid).write_text(json.dumps(body), encoding="utf-8")
+        ids.append(tid)
+    lists = bench.lists_dir
+    (lists / f"{name}.ids").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    (lists / f"{name}.urls").write_text("".join(f"{u}\n" for u, _ in files), encoding="utf-8")
+    curl = "".join(f'url = "{u}"\noutput = "{u.rsplit("/", 1)[1]}"\n' for u, _ in files)
+    (lists / f"{name}.curl").write_text(curl, encoding="utf-8")
+
+
+def prepare_download(bench: Bench, w: Workload) -> list[str]:
+    """Files, JSON and lists for a, b or c (and c's 64 MiB twin); returns names built."""
+    names = [w.key]
+    build_tasks(bench, w, w.key, build_files(bench, w, w.key, distinct=w.key == "a"))
+    if w.key == "c":
+        twin = dataclasses.replace(w, file_size=64 * MiB)
+        build_tasks(bench, twin, "c64", build_files(bench, twin, "c64", distinct=True))
+        names.append("c64")
+    return names
+
+
+def drop_download(bench: Bench, names: list[str]) -> None:
+    for name in names:
+        shutil.rmtree(bench.files_dir / name, ignore_errors=True)
+        ids = (bench.lists_dir / f"{name}.ids").read_text(encoding="utf-8").split()
+        for tid in ids:
+            (bench.api_dir / tid).unlink(missing_ok=True)
+
+
+def fetcher_schema() -> tuple[str, int]:
+    from fetcher.state import _SCHEMA, SCHEMA_VERSION
+
+    return _SCHEMA, SCHEMA_VERSION
+
+
+def build_archived_state(bench: Bench, w: Workload) -> Path:
+    """An archive whose state DB says every one of ``w.tasks`` IDs is archived, and the list.
+
+    Written straight with sqlite3 in fetcher's own schema: downloading a million
+    tasks first would measure nothing the workload is about.
+    """
+    schema, version = fetcher_schema()
+    base = bench.work / "e-base"
+    meta = base / ".fetcher"
+    (meta / "work").mkdir(parents=True)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    day = stamp[:10].replace("-", "/")
+    ids = [task_id("e", "AigcImageTask", n) for n in range(w.tasks)]
+    conn = sqlite3.connect(meta / "state.sqlite", isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA cache_size=-262144")
+        conn.executescript(schema)
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (version,))
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO tasks (task_id, state, final, task_type, created_at, finished_at, dir, "
+            "first_seen, updated_at) VALUES (?, 'archived', 1, 'AigcImageTask', ?, ?, ?, ?, ?)",
+            # Sorted, so the B-trees grow by appends: seconds instead of half a minute.
+            ((i, stamp, stamp, f"AigcImageTask/{day}/{i}", stamp, stamp) for i in sorted(ids)),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA journal_mode=WAL")  # as fetcher leaves it
+    finally:
+        conn.close()
+    # The list keeps submission order, which is random against the index, as in real use.
+    with (bench.lists_dir / "e.ids").open("w", encoding="utf-8") as handle:
+        handle.writelines(f"{i}\n" for i in ids)
+    return base
+
+
+# -- nginx ------------------------------------------------------------------------------
+
+NGINX_CONF = """\
+# Generated by bench/run.py: the query API and the file host on two loopback ports.
+worker_processes 1;
+pid {out}/nginx.pid;
+error_log {out}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    types {{ image/png png; video/mp4 mp4; }}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    server_tokens off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    map $http_authorization $has_auth {{ default auth; "" -; }}
+    log_format bench '$status $request_method $request_uri $body_bytes_sent $has_auth';
+
+    server {{  # the gateway's query API
+        listen 127.0.0.1:{api_port};
+        access_log {out}/access-api.log bench;
+        location /tencent-vod/v1/query/ {{
+            default_type application/json;
+            if ($http_authorization != "Bearer {key}") {{
+                return 401 '{{"error": {{"message": "invalid key", "type": "auth", "code": ""}}}}';
+            }}
+            alias {api}/;
+        }}
+        location / {{ return 404; }}
+    }}
+
+    server {{  # the file host: another origin, never sent the key
+        listen 127.0.0.1:{files_port};
+        access_log {out}/access-files.log bench;
+        root {files};
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_nginx(bench: Bench) -> subprocess.Popen[bytes]:
+    api_port, files_port = free_port(), free_port()
+    while files_port == api_port:
+        files_port = free_port()
+    tmp = bench.out / "nginx-tmp"
+    tmp.mkdir(exist_ok=True)
+    for log in ("access-api.log", "access-files.log", "nginx-error.log"):
+        (bench.out / log).write_bytes(b"")
+    conf = bench.out / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            out=bench.out,
+            tmp=tmp,
+            api=bench.api_dir,
+            files=bench.files_dir,
+            api_port=api_port,
+            files_port=files_port,
+            key=API_KEY,
+        ),
+        encoding="utf-8",
+    )
+    argv = [bench.tools.nginx, "-p", f"{bench.out}/", "-e", str(bench.out / "nginx-error.log")]
+    argv += ["-c", str(conf), "-g", "daemon off;"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)  # noqa: S603
+    deadline = time.monotonic() + 10
+    while not all(_listening(p) for p in (api_port, files_port)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_nginx(proc)
+            log = (bench.out / "nginx-error.log").read_text(encoding="utf-8", errors="replace")
+            raise SystemExit(f"bench: nginx did not start (see {conf}):\n{log[-2000:]}")
+        time.sleep(0.05)
+    bench.api_url = f"http://127.0.0.1:{api_port}"
+    bench.files_url = f"http://127.0.0.1:{files_port}"
+    return proc
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def stop_nginx(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class AccessLogs:
+    """Counts the lines nginx adds to its two access logs during a run."""
+
+    def __init__(self, out: Path) -> None:
+        self.paths = (out / "access-api.log", out / "access-files.log")
+        self.marks: tuple[int, ...] = (0, 0)
+
+    def mark(self) -> None:
+        self.marks = tuple(p.stat().st_size for p in self.paths)
+
+    def added(self) -> tuple[list[str], list[str]]:
+        """Lines since :meth:`mark`, once nginx has stopped writing them."""
+        previous: tuple[int, ...] = ()
+        for _ in range(40):  # nginx logs after the last byte is sent: let it catch up
+            sizes = tuple(p.stat().st_size for p in self.paths)
+            if sizes == previous:
+                break
+            previous = sizes
+            time.sleep(0.05)
+        api, files = (self._read(p, m) for p, m in zip(self.paths, self.marks, strict=True))
+        return api, files
+
+    @staticmethod
+    def _read(path: Path, mark: int) -> list[str]:
+        with path.open("rb") as handle:
+            handle.seek(mark)
+            return handle.read().decode("utf-8", errors="replace").splitlines()
+
+
+# -- running one tool -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """How a measured child ended."""
+
+    exit_code: int
+    wall: float
+    rss_kib: int
+    timed_out: bool
+
+
+#: ``prctl(PR_SET_CHILD_SUBREAPER, 1)``: orphans of our children become our children.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Let :func:`run_child` ``wait4`` a grandchild once its launching shell has exited.
+
+    Why not a direct child: at ``exec`` Linux folds the old address space's peak RSS
+    into the process's ``ru_maxrss`` (``exec_mmap``), and the old address space of a
+    child of this process is ours (vfork) or a copy of it (fork). A direct child would
+    never report less than this script's own peak (60 MiB and more once workloads are
+    built). The tool is therefore forked by a ``sh`` of about 1 MiB, and reaped here.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise SystemExit(f"bench: prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+
+
+def run_child(argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: float) -> Child:
+    """Run ``argv`` with stdout/stderr to files; wall time and peak RSS from ``wait4``.
+
+    ``sh`` starts the tool in the background, writes its pid to a pipe and exits; the
+    tool, now our child (we are its subreaper), is waited for with ``wait4``, whose
+    ``ru_maxrss`` (KiB) is then the tool's own peak. The shell costs about a millisecond.
+    """
+    read_end, write_end = os.pipe()
+    script = f'"$@" {write_end}>&- & echo $! >&{write_end}'
+    with (log_dir / "stdout").open("wb") as out, (log_dir / "stderr").open("wb") as err:
+        start = time.perf_counter()
+        try:
+            shell = subprocess.Popen(  # noqa: S603
+                [SH, "-c", script, "sh", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                pass_fds=(write_end,),
+            )
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            pid = int(pipe.read())
+        shell.wait()
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.wait4(pid, 0)
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+    return Child(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss, fired.is_set())
+
+
+def command(bench: Bench, tool: str, name: str, outdir: Path) -> list[str]:
+    lists, t, jobs = bench.lists_dir, bench.tools, str(PARALLEL)
+    if tool == "curl":
+        config = str(lists / f"{name}.curl")
+        return [
+            t.curl,
+            "--parallel",
+            "--parallel-max",
+            jobs,
+            "-s",
+            "-Z",
+            "--output-dir",
+            str(outdir),
+            "-K",
+            config,
+        ]
+    if tool == "aria2c":
+        urls = str(lists / f"{name}.urls")
+        return [
+            t.aria2c,
+            "-i",
+            urls,
+            "-j",
+            jobs,
+            "-d",
+            str(outdir),
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+            "-q",
+        ]
+    ids = str(lists / f"{name}.ids")
+    return [
+        t.fetcher,
+        "fetch",
+        ids,
+        "--archive",
+        str(outdir),
+        "--base-url",
+        bench.api_url,
+        "--api-key",
+        API_KEY,
+        *FETCHER_FLAGS,
+        *FETCHER_OUTPUT,
+    ]
+
+
+def dir_totals(folder: Path) -> tuple[int, int]:
+    count = size = 0
+    for entry in folder.iterdir():
+        if entry.is_file():
+            count += 1
+            size += entry.stat().st_size
+    return count, size
+
+
+def check_run(w: Workload, tool: str, child: Child, outdir: Path, log_dir: Path) -> str:
+    """Empty when the run did what it should, else what went wrong."""
+    if child.timed_out:
+        return f"killed after {RUN_TIMEOUT:g} s"
+    if child.exit_code != 0:
+        tail = (log_dir / "stderr").read_text(encoding="utf-8", errors="replace")[-300:]
+        return f"exit {child.exit_code}: {tail.strip()}"
+    if tool in ("curl", "aria2c"):
+        count, size = dir_totals(outdir)
+        if (count, size) != (w.tasks, w.total_bytes):
+            return f"got {count} files / {size} bytes, wanted {w.tasks} / {w.total_bytes}"
+        return ""
+    text = (log_dir / "stdout").read_text(encoding="utf-8")
+    try:  # under --profile, py-spy's own lines come before and after
+        summary, _ = json.JSONDecoder().raw_decode(text, max(text.find("{"), 0))
+    except ValueError as exc:
+        return f"no JSON summary: {exc}"
+    if w.key in ("d", "e"):
+        settled, sent = summary.get("already_archived"), summary.get("requests")
+        if settled != w.tasks or sent != 0:
+            return f"already_archived={settled} requests={sent}"
+        return ""
+    want = w.total_bytes if tool == "fetcher" else 64 * MiB
+    if summary.get("archived") != w.tasks or summary.get("bytes_downloaded") != want:
+        return f"archived={summary.get('archived')} bytes={summary.get('bytes_downloaded')}"
+    return ""
+
+
+def measure(bench: Bench, logs: AccessLogs, w: Workload, tool: str, run: int) -> Measure:
+    """One fresh output folder, one child, its numbers; the folder goes afterwards.
+
+    With ``--profile`` the fetcher runs under ``py-spy record`` (and its numbers say
+    little, since the sampler shares the machine).
+    """
+    name = {"d": "a"}.get(w.key, "c64" if tool == C64 else w.key)  # (d) re-reads (a)'s list
+    slug = "fetcher-64m" if tool == C64 else tool
+    outdir = bench.work / "runs" / f"{w.key}-{slug}-{run}"
+    log_dir = bench.work / "runs" / f"{w.key}-{slug}-{run}.log"
+    log_dir.mkdir(parents=True)
+    if w.key == "d":
+        assert bench.d_base is not None
+        shutil.copytree(bench.d_base, outdir, symlinks=True)
+    elif w.key == "e":
+        shutil.copytree(bench.work / "e-base", outdir, symlinks=True)
+    else:
+        outdir.mkdir()
+    tool_name = "fetcher" if tool == C64 else tool
+    logs.mark()
+    argv = command(bench, tool_name, name, outdir)
+    if bench.args.profile and tool_name == "fetcher" and run >= 0:
+        argv = [*py_spy_record(bench, w), "--", *argv]
+    child = run_child(argv, bench.env, log_dir, RUN_TIMEOUT)
+    api, files = logs.added()
+    note = check_run(w, tool, child, outdir, log_dir)
+    if tool_name == "fetcher" and any(line.endswith(" auth") for line in files):
+        note = (note + "; " if note else "") + "the file host was sent an Authorization header"
+    tasks = 1 if tool == C64 else w.tasks
+    size = 64 * MiB if tool == C64 else w.total_bytes
+    result = Measure(
+        w.key, tool, run, child.wall, child.rss_kib, child.exit_code, len(api), len(files),
+        size, tasks, not note, note,
+    )  # fmt: skip
+    keep_for_d = w.key == "a" and tool == "fetcher" and bench.d_base is None and not note
+    if keep_for_d and "d" in bench.args.workloads:
+        bench.d_base = bench.work / "d-base"
+        outdir.rename(bench.d_base)
+    shutil.rmtree(outdir, ignore_errors=True)
+    if note:
+        keep = bench.out / "failed" / log_dir.name
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(log_dir, keep)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return result
+
+
+def rotated(tools: Sequence[str], run: int) -> list[str]:
+    k = run % len(tools)
+    return [*tools[k:], *tools[:k]]
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def describe(m: Measure) -> str:
+    status = "ok" if m.ok else f"FAILED ({m.note})"
+    return (
+        f"  {m.workload} run {m.run + 1} {m.tool:<22} {m.wall:8.3f} s  {m.rss_kib / 1024:7.1f} MiB"
+        f"  requests {m.api_requests} API + {m.file_requests} files  {status}"
+    )
+
+
+def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None:
+    say(f"({w.key}) {w.title}: building in {bench.work}")
+    started = time.perf_counter()
+    names: list[str] = []
+    if w.key in ("a", "b", "c"):
+        names = prepare_download(bench, w)
+    elif w.key == "e":
+        build_archived_state(bench, w)
+    elif w.key == "d" and bench.d_base is None:
+        say("  no (a) archive yet: one unmeasured fetcher run over (a) makes it")
+        a = workloads(bench.args.quick)["a"]
+        a_names = prepare_download(bench, a)
+        measure(bench, logs, a, "fetcher", -1)
+        drop_download(bench, a_names)
+        if bench.d_base is None:
+            raise SystemExit("bench: could not build the (a) archive that (d) re-runs over")
+    say(f"  built in {time.perf_counter() - started:.1f} s")
+    for run in range(runs):
+        for tool in ["fetcher"] if bench.args.profile else rotated(w.tools, run):
+            m = measure(bench, logs, w, tool, run)
+            bench.results.append(m)
+            say(describe(m))
+    drop_download(bench, names)
+    if w.key == "e":
+        shutil.rmtree(bench.work / "e-base", ignore_errors=True)
+    if w.key == "d" and bench.d_base is not None:
+        shutil.rmtree(bench.d_base, ignore_errors=True)
+
+
+# -- profiling (--profile) --------------------------------------------------------------
+
+
+def py_spy_record(bench: Bench, w: Workload) -> list[str]:
+    py_spy = Path(sys.executable).parent / "py-spy"
+    found = str(py_spy) if py_spy.is_file() else shutil.which("py-spy")
+    if found is None:
+        raise SystemExit(f"bench: --profile needs py-spy: {sys.executable} -m pip install py-spy")
+    raw = bench.out / f"profile-{w.key}.txt"
+    return [found, "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(raw)]
+
+
+def frame_name(frame: str) -> str:
+    """``func (pkg/mod.py:123)`` (py-spy already shortens paths) -> ``func (pkg/mod.py)``."""
+    func, _, where = frame.partition(" (")
+    return f"{func} ({where.rsplit(':', 1)[0]})"
+
+
+def area(frame: str) -> str:
+    """The library a frame belongs to: ``httpx``, ``asyncio (stdlib)``, ``fetcher.download``."""
+    parts = frame.partition(" (")[2].rsplit(":", 1)[0].removesuffix(".py").split("/")
+    if parts[0] == "fetcher" and len(parts) > 1:
+        return "fetcher." + parts[-1]
+    return f"{parts[0]} (stdlib)" if parts[0] in sys.stdlib_module_names else parts[0]
+
+
+def summarize_profile(raw: Path, top: int = 15) -> str:
+    """Where the samples went: by library of the innermost frame, by function (self, total)."""
+    self_time: dict[str, int] = {}
+    total_time: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    samples = 0
+    for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack.strip() or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        samples += count
+        leaf = frames[-1]
+        self_time[frame_name(leaf)] = self_time.get(frame_name(leaf), 0) + count
+        areas[area(leaf)] = areas.get(area(leaf), 0) + count
+        for name in {frame_name(f) for f in frames}:
+            total_time[name] = total_time.get(name, 0) + count
+    if not samples:
+        return f"{raw.name}: no samples\n"
+
+    def table(title: str, counts: dict[str, int]) -> list[str]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [f"| {title} | % of samples |", "| --- | ---: |"] + [
+            f"| `{name}` | {100 * n / samples:.1f} |" for name, n in ranked
+        ]
+
+    lines = [f"{samples} samples (250 Hz, busy threads only) in `{raw.name}`", ""]
+    lines += [*table("innermost frame's library", areas), ""]
+    lines += [*table("function, self", self_time), ""]
+    lines += table("function, total (inclusive)", total_time)
+    return "\n".join(lines) + "\n"
+
+
+def time_help(bench: Bench) -> list[float]:
+    walls = []
+    log_dir = bench.work / "help"
+    log_dir.mkdir()
+    for _ in range(HELP_RUNS):
+        child = run_child([bench.tools.fetcher, "--help"], bench.env, log_dir, 60)
+        walls.append(child.wall)
+    return walls
+
+
+def child_env(work: Path) -> dict[str, str]:
+    """The environment every tool runs in: no proxies, no fetcher config from this user."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FETCHER_") and "proxy" not in k.lower()
+    }
+    env["XDG_CONFIG_HOME"] = str(work / "xdg-config")
+    env["XDG_DATA_HOME"] = str(work / "xdg-data")
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def machine(tools: Tools) -> dict[str, str]:
+    meminfo = Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
+    total_kib = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")), 0)
+    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
+    return {
+        "CPU": model,
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "memory": f"{total_kib / 1024**2:.1f} GiB",
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "fetcher commit": fetcher_commit(),
+        "nginx": tool_version([tools.nginx, "-v"], stderr=True).removeprefix("nginx version: "),
+        "curl": tool_version([tools.curl, "--version"]),
+        "aria2c": tool_version([tools.aria2c, "--version"]),
+        "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+def fetcher_commit() -> str:
+    git = shutil.which("git")
+    if git is None:
+        return "unknown (no git)"
+    head = _output([git, "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _output([git, "-C", str(REPO), "status", "--porcelain", "--", "fetcher"])
+    return f"{head} (+ uncommitted changes in fetcher/)" if dirty else head
+
+
+def tool_version(argv: list[str], *, stderr: bool = False) -> str:
+    text = _output(argv, stderr=stderr)
+    return " ".join(text.split()[:3]) if text else "?"
+
+
+def _output(argv: list[str], *, stderr: bool = False) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)  # noqa: S603
+    except OSError:
+        return ""
+    return (done.stderr if stderr else done.stdout).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """Medians of one tool on one workload, over its successful runs."""
+
+    tool: str
+    wall: float
+    wall_min: float
+    wall_max: float
+    rss_mib: float
+    api: int
+    files: int
+    bytes: int
+    tasks: int
+    ok: int
+    total: int
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.wall / 1e6
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.wall
+
+
+def rows(results: list[Measure], w: Workload) -> dict[str, Row]:
+    out: dict[str, Row] = {}
+    for tool in w.tools:
+        mine = [m for m in results if m.workload == w.key and m.tool == tool and m.run >= 0]
+        good = [m for m in mine if m.ok]
+        if not good:
+            continue
+        walls = [m.wall for m in good]
+        out[tool] = Row(
+            tool,
+            statistics.median(walls),
+            min(walls),
+            max(walls),
+            statistics.median(m.rss_kib for m in good) / 1024,
+            max(m.api_requests for m in good),
+            max(m.file_requests for m in good),
+            good[0].bytes,
+            good[0].tasks,
+            len(good),
+            len(mine),
+        )
+    return out
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def workload_table(w: Workload, table: dict[str, Row]) -> list[str]:
+    lines = [
+        f"### ({w.key}) {w.title}",
+        "",
+        "| tool | wall s (median) | min-max s | MB/s | tasks/s | peak RSS MiB | "
+        "requests API + files | runs ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table.values():
+        mbps = f"{r.mbps:.1f}" if r.bytes else "-"
+        rate = f"{r.tasks_per_s:,.0f}" if r.tasks_per_s >= 10 else f"{r.tasks_per_s:.2f}"
+        lines.append(
+            f"| {r.tool} | {r.wall:.3f} | {r.wall_min:.3f}-{r.wall_max:.3f} | {mbps} | "
+            f"{rate} | {r.rss_mib:.1f} | {r.api} + {r.files} | {r.ok}/{r.total} |"
+        )
+    fetcher = table.get("fetcher")
+    pairs = [(other, table[other]) for other in ("curl", "aria2c") if other in table]
+    if fetcher and pairs:
+        lines += ["", "| ratio | wall | peak RSS |", "| --- | ---: | ---: |"]
+        for other, r in pairs:
+            lines.append(
+                f"| fetcher/{other} | {ratio(fetcher.wall, r.wall)} | "
+                f"{ratio(fetcher.rss_mib, r.rss_mib)} |"
+            )
+    return [*lines, ""]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target, what was measured, and whether it is met (None: not measured)."""
+
+    workload: str
+    goal: str
+    measured: str
+    met: bool | None
+
+
+def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[Target]:
+    """Each target against the medians, one row per condition."""
+    out: list[Target] = []
+
+    def add(key: str, goal: str, value: float | None, limit: float | None, unit: str) -> None:
+        if key not in tables:
+            return
+        if value is None or limit is None:
+            out.append(Target(key, goal, "not measured (a run failed)", None))
+        else:
+            measured = f"{value:.3g} {unit} (limit {limit:.3g} {unit})"
+            out.append(Target(key, goal, measured, value <= limit))
+
+    def row(key: str, tool: str) -> Row | None:
+        return tables.get(key, {}).get(tool)
+
+    def wall(key: str, tool: str, factor: float = 1.0) -> float | None:
+        r = row(key, tool)
+        return None if r is None else r.wall * factor
+
+    def rss(key: str, tool: str) -> float | None:
+        r = row(key, tool)
+        return None if r is None else r.rss_mib
+
+    def requests(key: str) -> float | None:
+        r = row(key, "fetcher")
+        return None if r is None else float(r.api + r.files)
+
+    add("a", "fetcher wall <= aria2c's", wall("a", "fetcher"), wall("a", "aria2c"), "s")
+    add("a", "fetcher wall <= 2x curl's", wall("a", "fetcher"), wall("a", "curl", 2), "s")
+    add("b", "fetcher wall <= 1.25x curl's", wall("b", "fetcher"), wall("b", "curl", 1.25), "s")
+    add("c", "fetcher wall <= 1.5x curl's", wall("c", "fetcher"), wall("c", "curl", 1.5), "s")
+    c_rss, c64_rss = rss("c", "fetcher"), rss("c", C64)
+    add("c", "fetcher peak RSS <= 64 MiB", c_rss, 64.0, "MiB")
+    spread = None if c_rss is None or c64_rss is None else 100 * abs(c_rss - c64_rss) / c64_rss
+    add("c", "peak RSS within 10% of the 64 MiB-file run", spread, 10.0, "%")
+    add("d", "fetcher wall <= 0.5 s", wall("d", "fetcher"), 0.5, "s")
+    add("d", "zero requests", requests("d"), 0.0, "requests")
+    add("e", "fetcher wall <= 10 s", wall("e", "fetcher"), 10.0, "s")
+    add("e", "fetcher peak RSS <= 100 MiB", rss("e", "fetcher"), 100.0, "MiB")
+    if help_wall is not None:
+        out.append(Target("help", "fetcher --help < 0.3 s", f"{help_wall:.3f} s", help_wall < 0.3))
+    return out
+
+
+def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
+    all_w = workloads(bench.args.quick)
+    selected = [all_w[k] for k in bench.args.workloads]
+    tables = {w.key: rows(bench.results, w) for w in selected}
+    help_wall = statistics.median(help_walls) if help_walls else None
+    lines = [
+        "# fetcher benchmark",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python bench/run.py "
+        f"--runs {bench.args.runs} --workloads {','.join(bench.args.workloads)}"
+        f"{' --quick' if bench.args.quick else ''}`. Medians over each tool's successful runs; "
+        "tools alternate run by run; every run writes into a fresh folder in /dev/shm, served "
+        "by nginx on loopback (sendfile), so this measures the tools, not a disk or a network.",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        "",
+        f"fetcher: `fetcher fetch IDS --archive DIR {' '.join(FETCHER_FLAGS)} "
+        f"{' '.join(FETCHER_OUTPUT)}`  ",
+        f"curl: `curl --parallel --parallel-max {PARALLEL} -s -Z --output-dir DIR -K LIST` "
+        "(`url`/`output` pairs)  ",
+        f"aria2c: `aria2c -i URLS -j {PARALLEL} -d DIR --allow-overwrite=true "
+        "--auto-file-renaming=false -q`",
+        "",
+        "MB = 10^6 bytes. Requests are the lines nginx's access logs gained during the run "
+        "(API + files). Peak RSS is the tool's own `ru_maxrss` from `wait4` (forked by a "
+        "small `sh`, so it does not inherit the harness's RSS). MB/s and tasks/s are "
+        "bytes and tasks over the median wall.",
+        "",
+        *([f"**Note:** {bench.args.note}", ""] if bench.args.note else []),
+        "## Targets",
+        "",
+        "| workload | target | measured (medians) | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in targets(tables, help_wall):
+        met = "n/a" if t.met is None else ("yes" if t.met else "**no**")
+        lines.append(f"| {t.workload} | {t.goal} | {t.measured} | {met} |")
+    lines += ["", "## Workloads", ""]
+    for w in selected:
+        lines += workload_table(w, tables[w.key])
+    if help_walls:
+        lines += [
+            f"### fetcher --help: median {help_wall:.3f} s of {len(help_walls)} "
+            f"(min {min(help_walls):.3f}, max {max(help_walls):.3f})",
+            "",
+        ]
+    failed = [m for m in bench.results if not m.ok]
+    if failed:
+        lines += ["## Failed runs", "", *(f"- {describe(m).strip()}" for m in failed), ""]
+    lines.append(
+        f"Load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def write_profiles(bench: Bench) -> int:
+    for key in bench.args.workloads:
+        raw = bench.out / f"profile-{key}.txt"
+        if raw.is_file():
+            text = f"## ({key}) fetcher under py-spy\n\n" + summarize_profile(raw)
+            (bench.out / f"profile-{key}.md").write_text(text, encoding="utf-8")
+            print(text)
+    return 0 if all(m.ok for m in bench.results) else 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, help="runs per tool and workload (default 5)")
+    parser.add_argument(
+        "--workloads",
+        default="a,b,c,d,e",
+        type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
+        help="comma-separated subset of a,b,c,d,e",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="report folder")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, (c) 256 MiB")
+    parser.add_argument("--keep-work", action="store_true", help="leave the /dev/shm folder")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. machine busy)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of measuring, run fetcher once per workload under py-spy record "
+        "and summarise where its samples go (OUT/profile-W.txt and .md)",
+    )
+    args = parser.parse_args(argv)
+    unknown = [k for k in args.workloads if k not in "abcde" or len(k) != 1]
+    if unknown or not args.workloads:
+        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e")
+    args.workloads = sorted(set(args.workloads))
+    args.runs = args.runs or (1 if args.quick or args.profile else 5)
+    return args
+
+
+def preflight(args: argparse.Namespace) -> Tools:
+    tools, missing = find_tools()
+    if tools is None:
+        say("bench: missing, install and run again:")
+        for item in missing:
+            say(f"  - {item}")
+        say(f"on Debian/Ubuntu: {INSTALL_LINE}")
+        raise SystemExit(2)
+    need = shm_needed([workloads(args.quick)[k] for k in args.workloads])
+    free = shutil.disk_usage(SHM).free
+    if free < need:
+        raise SystemExit(
+            f"bench: {SHM} has {free / GiB:.1f} GiB free; these workloads need about "
+            f"{need / GiB:.1f} GiB (the file, one output copy, the archives kept)"
+        )
+    return tools
+
+
+@dataclass
+class Session:
+    """The session's two owned resources: the /dev/shm folder and nginx."""
+
+    bench: Bench
+    nginx: subprocess.Popen[bytes] | None = None
+
+    def close(self) -> None:
+        if self.nginx is not None:
+            stop_nginx(self.nginx)
+        if not self.bench.args.keep_work:
+            shutil.rmtree(self.bench.work, ignore_errors=True)
+
+
+def open_session(args: argparse.Namespace, tools: Tools) -> Session:
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "failed", ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="fetcher-bench-", dir=SHM))
+    work.chmod(0o755)  # nginx's worker may run as another user
+    bench = Bench(args, tools, work, out, env=child_env(work))
+    for folder in (bench.api_dir, bench.files_dir, bench.lists_dir, work / "runs"):
+        folder.mkdir()
+    return Session(bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    tools = preflight(args)
+    become_subreaper()
+    session = open_session(args, tools)
+    bench = session.bench
+    started = time.perf_counter()
+    try:
+        info = machine(tools)
+        session.nginx = start_nginx(bench)
+        say(f"bench: nginx API {bench.api_url}, files {bench.files_url}; work in {bench.work}")
+        logs = AccessLogs(bench.out)
+        help_walls = [] if args.profile else time_help(bench)
+        if help_walls:
+            say(f"fetcher --help: median {statistics.median(help_walls):.3f} s")
+        for key in args.workloads:
+            run_workload(bench, logs, workloads(args.quick)[key], args.runs)
+    finally:
+        session.close()
+    if args.profile:
+        return write_profiles(bench)
+    text = report(bench, info, help_walls)
+    (bench.out / "results.md").write_text(text, encoding="utf-8")
+    runs = [dataclasses.asdict(m) for m in bench.results]
+    (bench.out / "runs.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    print(text)
+    say(f"bench: {time.perf_counter() - started:.0f} s; wrote {bench.out / 'results.md'}")
+    return 0 if all(m.ok for m in bench.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
