@@ -110,6 +110,18 @@ def archived_files(archive: Path) -> dict[str, bytes]:
     }
 
 
+def process_env(replica: Replica, archive: Path, tmp_path: Path) -> dict[str, str]:
+    """A whole environment for a CLI subprocess against ``replica``, free of the user's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env.update(
+        FETCHER_BASE_URL=replica.api_url,
+        FETCHER_API_KEY=replica.api_key,
+        FETCHER_ARCHIVE=str(archive),
+        XDG_CONFIG_HOME=str(tmp_path / "no-config"),
+    )
+    return env
+
+
 def run_cli(
     args: Sequence[str],
     *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import add_image_task, task_id
+from conftest import add_image_task, process_env, task_id
 
 from fetcher.errors import InputError
 from fetcher.feed import batches
@@ -47,13 +46,7 @@ def test_slow_generator_ids_are_archived_before_stdin_closes(
     tid = task_id(1)
     add_image_task(replica, tid)
     archive = tmp_path / "archive"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-    env.update(
-        FETCHER_BASE_URL=replica.api_url,
-        FETCHER_API_KEY=replica.api_key,
-        FETCHER_ARCHIVE=str(archive),
-        XDG_CONFIG_HOME=str(tmp_path / "no-config"),
-    )
+    env = process_env(replica, archive, tmp_path)
     with subprocess.Popen(
         [sys.executable, "-m", "fetcher", "fetch", "-", "-q"],
         stdin=subprocess.PIPE,

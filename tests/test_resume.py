@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import add_video_task, archived_files, run, task_id, tweak
+from conftest import add_video_task, archived_files, process_env, run, task_id, tweak
 
 from fetcher.archive import RESUME_WINDOW, Archive
 from fetcher.config import Settings
@@ -184,13 +184,7 @@ def test_signal_winds_down_then_the_next_run_resumes(
     data = add_video_task(replica, tid, size=400_000)
     replica.fault("files", f"{tid}/video.mp4", Fault(drop_after=150_000, stall=30))
     archive = tmp_path / "archive"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-    env.update(
-        FETCHER_BASE_URL=replica.api_url,
-        FETCHER_API_KEY=replica.api_key,
-        FETCHER_ARCHIVE=str(archive),
-        XDG_CONFIG_HOME=str(tmp_path / "no-config"),
-    )
+    env = process_env(replica, archive, tmp_path)
     command = [sys.executable, "-m", "fetcher", "fetch", "--id", tid, "--json"]
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -240,13 +234,7 @@ def test_two_runs_at_once_one_works_one_exits_75(replica: Replica, tmp_path: Pat
     for tid in tids:  # slow enough that the runs overlap
         replica.fault("files", f"{tid}/video.mp4", Fault(delay=0.4))
     archive = tmp_path / "archive"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-    env.update(
-        FETCHER_BASE_URL=replica.api_url,
-        FETCHER_API_KEY=replica.api_key,
-        FETCHER_ARCHIVE=str(archive),
-        XDG_CONFIG_HOME=str(tmp_path / "no-config"),
-    )
+    env = process_env(replica, archive, tmp_path)
     ids = [arg for tid in tids for arg in ("--id", tid)]
     command = [sys.executable, "-m", "fetcher", "fetch", *ids, "-q"]
     procs = [
