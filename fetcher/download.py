@@ -27,7 +27,7 @@ import httpx
 
 from .api import USER_AGENT, origin_of
 from .errors import DownloadError, FileExpired, FileGone, IntegrityError
-from .models import RemoteFile
+from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import ShortWorkFile, WorkSink
 
@@ -198,7 +198,14 @@ class Downloader:
                 return done
 
     def _check_url(self, task_id: str, url: str) -> None:
-        parts = urlsplit(url)
+        """Refuse what must never be fetched, whether it came from the API or the database."""
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # the same-origin check reads the port this way
+            httpx.URL(url)  # and this is the URL the request would send
+        except (ValueError, httpx.InvalidURL) as exc:
+            problem = one_line(str(exc)) or type(exc).__name__
+            raise DownloadError(f"unusable FileUrl: {problem}", task_id=task_id, url=url) from exc
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise DownloadError(

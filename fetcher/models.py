@@ -16,9 +16,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
-
-import httpx
 
 from .errors import QueryError, ResponseError, TaskNotFound
 
@@ -283,11 +280,6 @@ def _parse_file(index: int, entry: object, task_id: str) -> RemoteFile:
     url = entry.get("FileUrl") or entry.get("Url")
     if not isinstance(url, str) or not url.strip():
         raise ResponseError(f"output file {index} has no FileUrl", task_id=task_id)
-    problem = _url_problem(url.strip())
-    if problem is not None:
-        raise ResponseError(
-            f"output file {index} has an unusable FileUrl: {problem}", task_id=task_id
-        )
     meta = entry.get("MetaData")
     meta = meta if isinstance(meta, Mapping) else {}
     md5 = meta.get("Md5")
@@ -300,16 +292,6 @@ def _parse_file(index: int, entry: object, task_id: str) -> RemoteFile:
         size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
         file_type=_opt_str(entry.get("FileType")),
     )
-
-
-def _url_problem(url: str) -> str | None:
-    """Why ``url`` cannot even be parsed by what later handles it, or None if it can."""
-    try:
-        _ = urlsplit(url).port  # the same-origin check reads the port this way
-        httpx.URL(url)  # and this is the URL the download sends
-    except (ValueError, httpx.InvalidURL) as exc:
-        return one_line(str(exc)) or type(exc).__name__
-    return None
 
 
 def _is_md5(value: str) -> bool:

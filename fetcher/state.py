@@ -372,6 +372,21 @@ class StateDB:
         assert row is not None
         return int(str(row[0])), int(str(row[1]))
 
+    def done_file_pages(self) -> Iterator[list[FileRow]]:
+        """Done file rows in (task, index) order, a page at a time: a huge archive stays small."""
+        after: tuple[str, int] = ("", -1)
+        while True:
+            rows = self._query(
+                _FILE_SELECT + " WHERE state = 'done' AND (task_id, idx) > (?, ?) "
+                "ORDER BY task_id, idx LIMIT ?",
+                (*after, BATCH),
+            )
+            if not rows:
+                return
+            page = [_file_row(r) for r in rows]
+            yield page
+            after = (page[-1].task_id, page[-1].index)
+
     def counts(self) -> dict[str, int]:
         return {
             str(s): int(str(n))

@@ -20,8 +20,6 @@ import enum
 import hashlib
 import json
 import os
-import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BufferedReader
@@ -36,7 +34,7 @@ from .errors import EXIT_FAILED, EXIT_OK, ArchiveError, TaskError, UsageError
 from .models import RemoteFile, parse_time
 from .progress import NullProgress
 from .retry import RetryPolicy
-from .state import BATCH, FileRow, StateDB
+from .state import FileRow, StateDB
 
 #: Files are read and hashed in blocks this size.
 HASH_BLOCK = 1024 * 1024
@@ -207,7 +205,7 @@ def _check_all(
 ) -> tuple[int, list[FileProblem]]:
     checked = 0
     problems: list[FileProblem] = []
-    for page in _done_pages(db):
+    for page in db.done_file_pages():
         for row in page:
             progress.file_queued(row.size)
         for row in page:
@@ -217,44 +215,6 @@ def _check_all(
                 problems.append(problem)
             progress.file_done()
     return checked, problems
-
-
-def _done_pages(db: StateDB) -> Iterator[list[FileRow]]:
-    """Done file rows in (task, index) order, a page at a time: a huge archive stays small."""
-    after: tuple[str, int] = ("", -1)
-    while True:
-        try:
-            rows = db.conn.execute(_DONE_PAGE, (*after, BATCH)).fetchall()
-        except sqlite3.Error as exc:
-            raise ArchiveError(f"state database {str(db.path)!r}: {exc}") from exc
-        if not rows:
-            return
-        page = [_file_row(r) for r in rows]
-        yield page
-        after = (page[-1].task_id, page[-1].index)
-
-
-_DONE_PAGE = (
-    "SELECT task_id, idx, url, expire_time, md5, state, path, size, sha256, content_type, reason "
-    "FROM files WHERE state = 'done' AND (task_id, idx) > (?, ?) ORDER BY task_id, idx LIMIT ?"
-)
-
-
-def _file_row(row: tuple[Any, ...]) -> FileRow:
-    task_id, idx, url, expire, md5, state, path, size, sha256, ctype, reason = row
-    return FileRow(
-        task_id=str(task_id),
-        index=int(idx),
-        url=str(url),
-        expire_time=expire,
-        md5=md5,
-        state=str(state),
-        path=path,
-        size=size,
-        sha256=sha256,
-        content_type=ctype,
-        reason=reason,
-    )
 
 
 def _check_file(archive: Archive, row: FileRow, progress: VerifyProgress) -> FileProblem | None:

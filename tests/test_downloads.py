@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
@@ -261,3 +262,31 @@ def test_files_are_downloaded_earliest_expiry_first(
     assert ordered.counts[Outcome.ARCHIVED] == 4
     fetched = [r.path.split("/")[1] for r in replica.seen("files")]
     assert fetched == [blocker, soon, middle, late]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://[oops/x.png", id="broken-ipv6-host"),
+        pytest.param("http://127.0.0.1:99999/x.png", id="port-out-of-range"),
+    ],
+)
+def test_unparseable_url_from_anywhere_is_a_download_error(tmp_path: Path, url: str) -> None:
+    """A URL that skipped the API's parser (read back from the database) is refused cleanly."""
+    from fetcher.download import Downloader
+    from fetcher.errors import DownloadError
+    from fetcher.models import RemoteFile
+    from fetcher.retry import RetryPolicy
+
+    async def attempt() -> None:
+        async with Downloader(
+            timeout=1,
+            policy=RetryPolicy(retries=0),
+            max_file_size=1000,
+            api_origin=None,
+            connections=1,
+        ) as downloader:
+            await downloader.download("t", RemoteFile(0, url, None), tmp_path / "w.part")
+
+    with pytest.raises(DownloadError, match="unusable FileUrl"):
+        asyncio.run(attempt())
