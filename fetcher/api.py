@@ -15,10 +15,9 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from . import __version__
 from .errors import AuthError, QueryError, ResponseError, TaskNotFound
+from .httpclient import HttpClient, HttpError, InvalidUrl, TimedOut, Url
 from .models import ApiErrorCode, Task, load_json, one_line, parse_task
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
 
@@ -56,6 +55,7 @@ class ApiClient:
         policy: RetryPolicy,
         rate: float,
         concurrency: int,
+        proxies: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.origin = origin_of(self.base_url)
@@ -64,18 +64,21 @@ class ApiClient:
         self._policy = policy
         self._limiter = RateLimiter(rate)
         self._concurrency = concurrency
-        self._client: httpx.AsyncClient | None = None
+        self._proxies = dict(proxies)
+        self._client: HttpClient | None = None
         #: Queries actually sent, retries included: what "zero requests" is measured by.
         self.requests_sent = 0
 
     async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {self._key}", "User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(self._timeout),
-            limits=httpx.Limits(
-                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
-            ),
-            follow_redirects=False,
+        self._client = HttpClient(
+            headers={
+                "Authorization": f"Bearer {self._key}",
+                "User-Agent": USER_AGENT,
+                "Accept-Encoding": "identity",
+            },
+            timeout=self._timeout,
+            connections=self._concurrency,
+            proxies=self._proxies,
         )
         return self
 
@@ -137,25 +140,28 @@ class ApiClient:
                 raise _Transient(exc.code) from None
             raise
 
-    async def _get(self, task_id: str) -> tuple[int, httpx.Headers, bytes]:
+    async def _get(self, task_id: str) -> tuple[int, dict[str, str], bytes]:
         assert self._client is not None, "ApiClient used outside 'async with'"
         await self._limiter.wait()
-        url = self.base_url + QUERY_PATH + quote(task_id, safe="")
+        try:
+            url = Url.parse(self.base_url + QUERY_PATH + quote(task_id, safe=""))
+        except InvalidUrl as exc:
+            raise QueryError(f"cannot query: {exc}", task_id=task_id) from None
         self.requests_sent += 1
         try:
-            async with self._client.stream("GET", url) as response:
+            async with self._client.stream(url) as response:
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.iter_decoded():
                     body += chunk
                     if len(body) > MAX_RESPONSE_BYTES:
                         raise ResponseError(
                             f"response larger than {MAX_RESPONSE_BYTES} bytes", task_id=task_id
                         )
-                return response.status_code, response.headers, bytes(body)
-        except httpx.TimeoutException as exc:
-            raise _Transient(f"timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+                return response.status, response.headers, bytes(body)
+        except TimedOut as exc:
+            raise _Transient(str(exc)) from exc
+        except HttpError as exc:
+            raise _Transient(one_line(str(exc))) from exc
 
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""

@@ -54,6 +54,8 @@ class Settings:
     rate: float = DEFAULT_RATE
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     layout: str = DEFAULT_LAYOUT
+    #: From ``http_proxy``/``https_proxy``/``all_proxy``/``no_proxy``, not a setting of its own.
+    proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold a password
 
     def require_api(self) -> tuple[str, str]:
         """The base URL and key, or a usage error saying which one is missing."""
@@ -65,7 +67,7 @@ class Settings:
 
 
 #: The names a config file, ``FETCHER_<NAME>`` and flags may set.
-SETTING_NAMES = tuple(f.name for f in fields(Settings))
+SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "proxies")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,34 @@ def load_settings(
         if raw is not None and raw != "":
             values[name] = raw
     values.update({k: v for k, v in flags.items() if v is not None})
-    return Loaded(_build(values), tuple(warnings))
+    settings = replace(_build(values), proxies=_proxies(env))
+    return Loaded(settings, tuple(warnings))
+
+
+def _proxies(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Proxies as curl reads them: ``http``/``https``/``all``/``no``, lower-case names first.
+
+    A proxy without a scheme is taken as ``http://``; only http proxies are spoken
+    to (HTTPS passes through them in a CONNECT tunnel).
+    """
+    found: list[tuple[str, str]] = []
+    for name in ("http", "https", "all", "no"):
+        for variable in (f"{name}_proxy", f"{name.upper()}_PROXY"):
+            value = env.get(variable, "").strip()
+            if not value:
+                continue
+            if name != "no":
+                value = value if "://" in value else "http://" + value
+                try:
+                    parts = urlsplit(value)
+                    _ = parts.port
+                except ValueError as exc:
+                    raise ConfigError(f"{variable} is not a usable URL ({exc})") from exc
+                if parts.scheme != "http" or not parts.hostname:
+                    raise ConfigError(f"{variable}: only http:// proxies are supported")
+            found.append((name, value))
+            break
+    return tuple(found)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -23,16 +23,16 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
-import httpx
-
 from .api import USER_AGENT, origin_of
 from .errors import DownloadError, FileExpired, FileGone, IntegrityError
+from .httpclient import HttpClient, HttpError, InvalidUrl, RedirectError, Response, TimedOut, Url
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import ShortWorkFile, WorkSink
 
 MAX_REDIRECTS = 5
 GONE_STATUSES = frozenset({403, 404, 410})
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
 #: Called with each chunk's length, so the edge can draw a bytes bar.
 BytesCallback = Callable[[int], None]
@@ -131,6 +131,7 @@ class Downloader:
         api_origin: tuple[str, str, int | None] | None,
         connections: int,
         on_bytes: BytesCallback | None = None,
+        proxies: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._timeout = timeout
         self._policy = policy
@@ -138,18 +139,16 @@ class Downloader:
         self._api_origin = api_origin
         self._connections = connections
         self._on_bytes = on_bytes
-        self._client: httpx.AsyncClient | None = None
+        self._proxies = dict(proxies)
+        self._client: HttpClient | None = None
 
     async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
+        self._client = HttpClient(
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            timeout=httpx.Timeout(self._timeout),
-            limits=httpx.Limits(
-                max_connections=self._connections * 2,
-                max_keepalive_connections=self._connections * 2,
-            ),
-            follow_redirects=True,
+            timeout=self._timeout,
+            connections=self._connections,
             max_redirects=MAX_REDIRECTS,
+            proxies=self._proxies,
         )
         return self
 
@@ -165,13 +164,13 @@ class Downloader:
 
     async def download(self, task_id: str, remote: RemoteFile, work_path: Path) -> Downloaded:
         """Fetch ``remote`` into ``work_path``; raises a :class:`DownloadError` subclass."""
-        self._check_url(task_id, remote.url)
+        url = self._check_url(task_id, remote.url)
         work = _WorkFile.resume(work_path, remote.url)
         attempt = 0
         while True:
             attempt += 1
             try:
-                done = await self._attempt(task_id, remote, work)
+                done = await self._attempt(task_id, remote, url, work)
             except DownloadError:
                 # Refused outright (gone, too large, bad redirect): the bytes so far
                 # serve no later attempt. Only a transient failure keeps them.
@@ -197,56 +196,51 @@ class Downloader:
                 work.finish()
                 return done
 
-    def _check_url(self, task_id: str, url: str) -> None:
+    def _check_url(self, task_id: str, url: str) -> Url:
         """Refuse what must never be fetched, whether it came from the API or the database."""
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # the same-origin check reads the port this way
-            httpx.URL(url)  # and this is the URL the request would send
-        except (ValueError, httpx.InvalidURL) as exc:
-            problem = one_line(str(exc)) or type(exc).__name__
-            raise DownloadError(f"unusable FileUrl: {problem}", task_id=task_id, url=url) from exc
-        scheme = parts.scheme.lower()
+        scheme = match.group(1).lower() if (match := _SCHEME.match(url)) else ""
         if scheme not in ("http", "https"):
             raise DownloadError(
                 f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id, url=url
             )
-        if not parts.hostname:
-            raise DownloadError("refusing FileUrl without a host", task_id=task_id, url=url)
+        try:
+            parsed = Url.parse(url)
+        except InvalidUrl as exc:
+            problem = one_line(str(exc)) or type(exc).__name__
+            raise DownloadError(f"unusable FileUrl: {problem}", task_id=task_id, url=url) from exc
         if self._api_origin is not None and origin_of(url) == self._api_origin:
             raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
+        return parsed
 
-    async def _attempt(self, task_id: str, remote: RemoteFile, work: _WorkFile) -> Downloaded:
+    async def _attempt(
+        self, task_id: str, remote: RemoteFile, url: Url, work: _WorkFile
+    ) -> Downloaded:
         assert self._client is not None, "Downloader used outside 'async with'"
         have = work.size()
         headers: dict[str, str] = {}
         if have and work.validator:
             headers = {"Range": f"bytes={have}-", "If-Range": work.validator}
         try:
-            async with self._client.stream("GET", remote.url, headers=headers) as response:
+            async with self._client.stream(url, headers=headers) as response:
                 return await self._receive(task_id, remote, work, response, have)
-        except httpx.TooManyRedirects as exc:
+        except RedirectError as exc:
             raise DownloadError(
-                f"file {remote.index}: too many redirects", task_id=task_id, url=remote.url
+                f"file {remote.index}: {exc}", task_id=task_id, url=remote.url
             ) from exc
-        except httpx.UnsupportedProtocol as exc:
-            raise DownloadError(
-                f"file {remote.index}: redirected to an unsupported URL", task_id=task_id
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise _Retry(f"timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        except TimedOut as exc:
+            raise _Retry(str(exc)) from exc
+        except HttpError as exc:
+            raise _Retry(one_line(str(exc))) from exc
 
     async def _receive(
         self,
         task_id: str,
         remote: RemoteFile,
         work: _WorkFile,
-        response: httpx.Response,
+        response: Response,
         have: int,
     ) -> Downloaded:
-        status = response.status_code
+        status = response.status
         if status in GONE_STATUSES:
             expired = remote.expire_time is not None and remote.expire_time <= datetime.now(UTC)
             kind = FileExpired if expired else FileGone
@@ -293,10 +287,9 @@ class Downloader:
         )
 
     async def _stream_to(
-        self, work: _WorkFile, response: httpx.Response, start: int, remote: RemoteFile
+        self, work: _WorkFile, response: Response, start: int, remote: RemoteFile
     ) -> WorkSink:
-        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-        chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+        chunks = response.iter_decoded()
         try:
             async with WorkSink(work.path, start, md5=remote.md5 is not None) as sink:
                 async for chunk in chunks:
@@ -314,7 +307,7 @@ class Downloader:
         return sink
 
 
-def _validator(headers: httpx.Headers) -> str | None:
+def _validator(headers: dict[str, str]) -> str | None:
     """What ``If-Range`` may carry: a strong ETag, else Last-Modified (weak ETags may not)."""
     etag: str | None = headers.get("etag")
     if etag and not etag.startswith("W/"):
@@ -323,7 +316,7 @@ def _validator(headers: httpx.Headers) -> str | None:
     return modified
 
 
-def _resume_offset(response: httpx.Response, have: int) -> int:
+def _resume_offset(response: Response, have: int) -> int:
     """Where a 206 body starts; anything but the bytes we have means start over."""
     match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("content-range", ""))
     if match is None or int(match.group(1)) != have:
@@ -331,7 +324,7 @@ def _resume_offset(response: httpx.Response, have: int) -> int:
     return have
 
 
-def _expected_total(response: httpx.Response, start: int) -> int | None:
+def _expected_total(response: Response, start: int) -> int | None:
     if response.headers.get("content-encoding", "identity").lower() != "identity":
         return None
     length = response.headers.get("content-length")
@@ -340,7 +333,7 @@ def _expected_total(response: httpx.Response, start: int) -> int | None:
     return start + int(length)
 
 
-def _content_type(response: httpx.Response) -> str | None:
+def _content_type(response: Response) -> str | None:
     value = response.headers.get("content-type")
     if not value:
         return None

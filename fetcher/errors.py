@@ -20,7 +20,7 @@ that task's outcome, so the rest of the run goes on::
             ├── FileGone              the host dropped the file early; a fresh URL may help
             └── IntegrityError        the bytes do not match what was promised
 
-Foreign exceptions (httpx, sqlite3, OSError) are translated where they are
+Lower-level exceptions (:mod:`fetcher.httpclient`'s, sqlite3, OSError) are translated where they are
 caught, with ``raise ... from exc``, so callers only ever list these.
 """
 

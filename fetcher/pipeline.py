@@ -151,6 +151,7 @@ class _Run:
             policy=policy,
             rate=self.settings.rate,
             concurrency=self.settings.concurrency,
+            proxies=self.settings.proxies,
         )
         downloader = Downloader(
             timeout=self.settings.timeout,
@@ -158,6 +159,7 @@ class _Run:
             max_file_size=self.settings.max_file_size,
             api_origin=api.origin,
             connections=self.settings.downloads,
+            proxies=self.settings.proxies,
             on_bytes=self.progress.bytes_received,
         )
         try:

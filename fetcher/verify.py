@@ -270,6 +270,7 @@ async def _repair_all(
         max_file_size=settings.max_file_size,
         api_origin=origin_of(settings.base_url) if settings.base_url else None,
         connections=1,
+        proxies=settings.proxies,
         on_bytes=progress.bytes_received,
     )
     settled: list[FileProblem] = []
