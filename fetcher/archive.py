@@ -38,6 +38,9 @@ class Archive:
         self.work_dir = self.meta_dir / "work"
         self.db_path = self.meta_dir / "state.sqlite"
         self.lock_path = self.meta_dir / "lock"
+        self._root_real: Path | None = None
+        #: Archive-relative folders (``/a/b``) known to be real folders, not links.
+        self._checked: set[str] = set()
 
     def exists(self) -> bool:
         return self.db_path.is_file()
@@ -116,12 +119,40 @@ class Archive:
         return self.work_dir / f"{digest}-{index}.part"
 
     def resolve(self, relative: PurePosixPath | str) -> Path:
-        """An archive-relative path as an absolute one, refusing anything that escapes."""
-        candidate = (self.root / relative).resolve()
-        root = self.root.resolve()
-        if candidate == root or root not in candidate.parents:
-            raise ArchiveError(f"refusing path {str(relative)!r}: outside the archive")
-        return candidate
+        """An archive-relative path as an absolute one, refusing anything that escapes.
+
+        ``..``, absolute paths and the root itself are refused as text; a symlink on
+        the way that leads outside is refused too. Folders already checked in this
+        run are not checked again: a profile of 2,000 small tasks spent a tenth of
+        the event loop's time in ``realpath`` before that.
+        """
+        path = PurePosixPath(relative)
+        if path.is_absolute() or not path.parts or ".." in path.parts:
+            raise self._outside(relative)
+        root = self._real_root()
+        target = root.joinpath(*path.parts)
+        checked = ""
+        for part in path.parts:
+            checked = f"{checked}/{part}"
+            if checked in self._checked:
+                continue
+            here = root / checked[1:]
+            if here.is_symlink():
+                if root not in here.resolve().parents:
+                    raise self._outside(relative)
+            elif not here.is_dir():
+                break  # not there yet (or a file): nothing below it can be a link
+            self._checked.add(checked)
+        return target
+
+    def _real_root(self) -> Path:
+        if self._root_real is None:
+            self._root_real = self.root.resolve()
+        return self._root_real
+
+    @staticmethod
+    def _outside(relative: PurePosixPath | str) -> ArchiveError:
+        return ArchiveError(f"refusing path {str(relative)!r}: outside the archive")
 
     def place(self, work_file: Path, relative: PurePosixPath) -> Path:
         """Move a finished work file to its place in the archive, atomically."""

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .pipeline import FetchOptions
     from .progress import Progress
     from .summary import RunSummary
-from .errors import EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
+from .errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
 
 _SETTING_FLAGS = (
     "archive",
@@ -167,8 +167,8 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return _COMMANDS[args.command](args)
     except FetcherError as exc:
         print(f"fetcher: error: {exc}", file=sys.stderr)
@@ -176,6 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fetcher: interrupted", file=sys.stderr)
         return EXIT_SIGINT
+    except BrokenPipeError:
+        # The reader of our output went away (``fetcher ... | head``); the run's work
+        # is already saved. Point stdout at /dev/null so the exit flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        print("fetcher: error: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _settings(args: argparse.Namespace) -> Any:

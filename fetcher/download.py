@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import mimetypes
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,13 +66,16 @@ class _WorkFile:
     """A work file, and the URL and validator of the response its bytes came from.
 
     The pair is kept in ``<work file>.json`` so a later run can resume too. It is
-    written before any body byte: a stale pairing can then only make ``If-Range``
-    fail safe (the host sends the whole file again), never splice two versions.
+    written before the first body byte that is not the whole file: a stale pairing
+    can then only make ``If-Range`` fail safe (the host sends the whole file again),
+    never splice two versions. A file that arrives whole in one write needs none.
     """
 
     path: Path
     url: str
     validator: str | None = None
+    #: A record for this work file is on disk (found by :meth:`resume` or written).
+    recorded: bool = False
 
     @property
     def meta(self) -> Path:
@@ -83,8 +87,12 @@ class _WorkFile:
         work = cls(path, url)
         try:
             data = json.loads(work.meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return work
+        except (OSError, ValueError):
+            work.recorded = True  # unreadable: cleared before any byte is written
+            return work
+        work.recorded = True
         if isinstance(data, dict) and data.get("url") == url:
             validator = data.get("validator")
             work.validator = validator if isinstance(validator, str) else None
@@ -92,30 +100,42 @@ class _WorkFile:
 
     def size(self) -> int:
         try:
-            return self.path.stat().st_size
+            return os.stat(self.path).st_size  # noqa: PTH116 (a hot path; Path.stat costs more)
         except FileNotFoundError:
             return 0
 
-    def begin(self, validator: str | None, start: int) -> None:
-        """A response is about to be written from ``start``: remember which one.
+    def begin(self, validator: str | None, start: int, have: int) -> None:
+        """A response is about to be written from ``start``: forget any other one.
 
-        Bytes of an older response go first, before the record names the new one,
-        so no later resume can splice the two.
+        Bytes of an older response go first, and a record naming another response
+        goes before any new byte: no later resume can splice two versions. The new
+        record is written by :meth:`record`, just before the first partial bytes
+        reach the disk.
         """
-        if start == 0:
+        if start == 0 and have:
             self.path.unlink(missing_ok=True)
-        self.validator = validator
-        if validator is None:
+        if self.recorded and validator != self.validator:
             self.meta.unlink(missing_ok=True)
-            return
-        self.meta.write_text(json.dumps({"url": self.url, "validator": validator}), "utf-8")
+            self.recorded = False
+        self.validator = validator
+
+    def record(self) -> None:
+        """Name the response the work file's bytes come from (runs on the sink's thread)."""
+        if self.validator is not None and not self.recorded:
+            self.meta.write_text(
+                json.dumps({"url": self.url, "validator": self.validator}), "utf-8"
+            )
+            self.recorded = True
 
     def finish(self) -> None:
-        self.meta.unlink(missing_ok=True)
+        if self.recorded:
+            self.meta.unlink(missing_ok=True)
+            self.recorded = False
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
+        self.recorded = False
         self.validator = None
 
 
@@ -269,7 +289,7 @@ class Downloader:
         content_type = _content_type(response)
         if content_type == "text/html" and remote.file_type not in ("text", "html"):
             raise _Retry("file host sent an HTML page instead of the file", restart=True)
-        work.begin(_validator(response.headers), start)
+        work.begin(_validator(response.headers), start, have)
         sink = await self._stream_to(work, response, start, remote)
         size = sink.size
         if total is not None and size != total:
@@ -291,7 +311,9 @@ class Downloader:
     ) -> WorkSink:
         chunks = response.iter_decoded()
         try:
-            async with WorkSink(work.path, start, md5=remote.md5 is not None) as sink:
+            async with WorkSink(
+                work.path, start, md5=remote.md5 is not None, before_partial=work.record
+            ) as sink:
                 async for chunk in chunks:
                     if sink.size + len(chunk) > self._max_size:
                         raise DownloadError(

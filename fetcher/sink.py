@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -37,8 +38,19 @@ class WorkSink:
     synced and closed by the last: a file under ``BLOCK`` takes exactly one.
     """
 
-    def __init__(self, path: Path, start: int, *, md5: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        start: int,
+        *,
+        md5: bool,
+        before_partial: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
+        #: Runs (on the worker thread) before the first bytes that are not the whole
+        #: file reach the disk: the downloader's resume record goes there. A file
+        #: written whole by one hand-off never needs one.
+        self._before_partial = before_partial
         self.size = start
         self._start = start
         self._sha256 = hashlib.sha256()
@@ -101,6 +113,10 @@ class WorkSink:
     def _write(self, chunks: list[bytes], *, sync: bool, close: bool) -> None:
         try:
             if chunks or sync:
+                if self._before_partial is not None:
+                    before, self._before_partial = self._before_partial, None
+                    if not (sync and self._file is None and not self._start):
+                        before()
                 handle = self._file or self._open()
                 self._file = handle
                 if chunks:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,9 +99,16 @@ class FileRow:
     reason: str | None
 
 
+_last_stamp: list[tuple[int, str]] = [(-1, "")]
+
+
 def now_text() -> str:
-    text = format_time(datetime.now(UTC))
-    assert text is not None
+    """The current time in :func:`format_time`'s form; one ``strftime`` per second."""
+    second = int(time.time())
+    cached_second, text = _last_stamp[0]
+    if second != cached_second:
+        text = format_time(datetime.fromtimestamp(second, UTC)) or ""
+        _last_stamp[0] = (second, text)
     return text
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_image_task, add_video_task, archived_files, run_cli, task_id
+from conftest import ROOT, add_image_task, add_video_task, archived_files, run_cli, task_id
 
 from fetcher.archive import Archive
 from fetcher.replica import Fault, Replica, error_response, file_info, png, task_response
@@ -981,3 +981,32 @@ def test_version_flag() -> None:
 
     assert result.returncode == 0
     assert re.fullmatch(r"fetcher \d+\.\d+\.\d+\n", result.stdout)
+
+
+def test_output_closed_early_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """``fetcher status --json | head -0``: a reader that goes away gets one line, exit 1."""
+    from fetcher.state import StateDB
+
+    archive = Archive(tmp_path / "archive")
+    archive.prepare()
+    with StateDB(archive.db_path):
+        pass
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env.update(FETCHER_ARCHIVE=str(tmp_path / "archive"), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fetcher", "status", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "fetcher: error: output closed early (broken pipe)\n"

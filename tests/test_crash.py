@@ -280,8 +280,7 @@ def assert_complete(world: World, *ids: str) -> None:
 #: "after" kills at the directory fsync that follows the rename, before any DB write.
 KILL_POINTS = [
     pytest.param("sqlite3.connect||1|before", 0, 0, (), id="connect-1-before-any-state"),
-    pytest.param("open|.part|1|before", 0, 0, (), id="open-part-1-record-written-before-body"),
-    pytest.param("os.remove|.part.json|1|before", 0, 0, (), id="remove-record-1-verified"),
+    pytest.param("open|.part|1|before", 0, 0, (), id="open-part-1-before-body"),
     pytest.param("os.rename||1|before", 0, 0, (), id="rename-1-before-first-file-placed"),
     pytest.param("os.rename||1|after", 1, 0, (), id="rename-1-placed-before-file-row"),
     pytest.param("open|.part|2|before", 1, 1, (), id="open-part-2-between-files"),
@@ -293,7 +292,11 @@ KILL_POINTS = [
     pytest.param("os.rename||4|before", 3, 3, (), id="rename-4-before-sidecar-placed"),
     pytest.param("os.rename||4|after", 4, 3, (), id="rename-4-sidecar-placed-no-archived-row"),
     pytest.param("open|.part|4|before", 4, 3, ("multi",), id="open-part-4-second-task-starts"),
+    pytest.param(
+        "open|.part.json|5|before", 4, 3, ("multi",), id="open-record-5-before-video-record"
+    ),
     pytest.param("open|.part|4|body", 4, 3, ("multi",), id="open-part-4-mid-body-second-task"),
+    pytest.param("os.remove|.part.json|1|before", 4, 3, ("multi",), id="remove-record-1-verified"),
     pytest.param("os.rename||5|before", 4, 3, ("multi",), id="rename-5-second-task-file"),
     pytest.param("os.rename||5|after", 5, 3, ("multi",), id="rename-5-placed-before-file-row"),
     pytest.param("open|.json.tmp|2|before", 5, 4, ("multi",), id="open-sidecar-temp-2"),
