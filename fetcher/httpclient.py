@@ -102,13 +102,17 @@ class Url:
     @classmethod
     def parse(cls, text: str) -> Url:
         """Parse and normalise; raises :class:`InvalidUrl` for anything unusable."""
-        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
-            raise InvalidUrl("URL holds a space or control character")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise InvalidUrl("URL holds a control character")
+        if text != text.strip(" "):
+            raise InvalidUrl("URL starts or ends with a space")
         try:
             parts = urlsplit(text)
             port = parts.port
         except ValueError as exc:
             raise InvalidUrl(str(exc) or "malformed URL") from exc
+        if port == 0:
+            raise InvalidUrl("port 0 is not a port to connect to")
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise InvalidUrl(f"scheme {scheme or 'none'!r} is not http or https")
@@ -243,6 +247,8 @@ class Response:
                     yield out
             if tail := inflate.flush():
                 yield tail
+            if started and not inflate.eof:
+                raise ProtocolError(f"{coding} body ends before its compressed stream")
         except zlib.error as exc:
             raise ProtocolError(f"body does not decode as {coding}: {exc}") from exc
 
@@ -417,6 +423,8 @@ class HttpClient:
         if conn.proxy_auth is not None:
             lines.append(f"Proxy-Authorization: {conn.proxy_auth}")
         for name, value in headers.values():
+            if not (name and name.isascii() and set(name.encode()) <= _TOKEN):
+                raise InvalidUrl(f"{name!r} is not a valid header name")
             if any(c in value for c in "\r\n\0"):
                 raise InvalidUrl(f"header {name} holds a line break")
             lines.append(f"{name}: {value}")
@@ -474,8 +482,12 @@ class HttpClient:
                 auth = _proxy_auth(proxy)
                 if tls is None:
                     return _Connection(reader, writer, absolute_form=True, proxy_auth=auth)
-                await _tunnel(reader, writer, url, auth)
-                await writer.start_tls(tls, server_hostname=url.host)
+                try:
+                    await _tunnel(reader, writer, url, auth)
+                    await writer.start_tls(tls, server_hostname=url.host)
+                except BaseException:
+                    writer.close()
+                    raise
                 return _Connection(reader, writer)
         except TimeoutError:
             raise TimedOut("connect") from None
