@@ -127,8 +127,9 @@ def _proxies(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
                 try:
                     parts = urlsplit(value)
                     _ = parts.port
-                except ValueError as exc:
-                    raise ConfigError(f"{variable} is not a usable URL ({exc})") from exc
+                except ValueError:
+                    # Not the parser's words: they quote the URL, and with it any password.
+                    raise ConfigError(f"{variable} is not a usable proxy URL") from None
                 if parts.scheme != "http" or not parts.hostname:
                     raise ConfigError(f"{variable}: only http:// proxies are supported")
             found.append((name, value))

@@ -29,7 +29,7 @@ from .errors import DownloadError, FileExpired, FileGone, IntegrityError
 from .httpclient import HttpClient, HttpError, InvalidUrl, RedirectError, Response, TimedOut, Url
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
-from .sink import ShortWorkFile, WorkSink
+from .sink import BLOCK, ShortWorkFile, WorkSink
 
 MAX_REDIRECTS = 5
 GONE_STATUSES = frozenset({403, 404, 410})
@@ -309,7 +309,7 @@ class Downloader:
     async def _stream_to(
         self, work: _WorkFile, response: Response, start: int, remote: RemoteFile
     ) -> WorkSink:
-        chunks = response.iter_decoded()
+        chunks = response.iter_decoded(BLOCK)
         try:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record

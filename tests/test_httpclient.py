@@ -1399,11 +1399,6 @@ def test_unusable_proxy_is_a_one_line_config_error(
     assert "hunter2" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config._proxies echoes urlsplit's port error, which holds the password text when"
-    " the password has an unescaped '#', '/' or '?' (fetcher/config.py is out of this change)",
-)
 def test_proxy_password_with_a_hash_is_not_echoed(empty_config: dict[str, str]) -> None:
     """A password with an unescaped '#' does not appear in the ConfigError it causes."""
     with pytest.raises(ConfigError) as caught:
