@@ -1384,7 +1384,7 @@ def test_proxy_settings_come_from_the_environment(
         ),
         pytest.param(
             {"HTTP_PROXY": "http://bob:hunter2@proxy:99999"},
-            "HTTP_PROXY is not a usable URL (Port out of range 0-65535)",
+            "HTTP_PROXY is not a usable proxy URL",
             id="bad-port",
         ),
     ],
