@@ -153,6 +153,8 @@ def summary_line(summary: RunSummary) -> str:
     shown = [
         f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]
     ]
+    if summary.unchanged:
+        shown.append(f"{summary.unchanged} unchanged since the last run")
     files = (
         f"{_count(summary.files_downloaded, 'file')}, {_size(summary.bytes_downloaded)} downloaded"
     )

@@ -7,9 +7,9 @@ pipeline pulls them in batches.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +17,9 @@ from typing import BinaryIO
 from .errors import InputError
 
 MAX_ID_LENGTH = 256
+#: Bytes asked of a stream at a time; a mark follows each such chunk of whole lines.
+READ_CHUNK = 256 * 1024
+_BOM = b"\xef\xbb\xbf"
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -48,12 +51,36 @@ def id_problem(text: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Mark:
+    """Between the entries of a list file: every line before ``offset`` has been yielded.
+
+    ``lines`` and ``ids`` count the lines and task IDs before ``offset``, and
+    ``digest`` is the SHA-256 of those bytes, so a later run can tell that the
+    list still starts the same way (see :mod:`fetcher.bookmarks`). The first mark
+    of a source says where reading began; ``skipped`` is how many IDs an
+    unchanged, already settled beginning held and were not read again.
+    """
+
+    source: str
+    offset: int
+    lines: int
+    ids: int
+    digest: str
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class IdSource:
-    """One place task IDs come from: a file, a stream, or values given as flags."""
+    """One place task IDs come from: a file, a stream, or values given as flags.
+
+    ``key`` (the absolute path) is set for files: only a file can be recognised
+    again by a later run, so only a file gets :class:`Mark` entries.
+    """
 
     name: str
     stream: BinaryIO | None = None
     values: tuple[str, ...] = ()
+    key: str = ""
 
     @classmethod
     def from_path(cls, path: Path) -> IdSource:
@@ -62,7 +89,7 @@ class IdSource:
             stream = path.open("rb")
         except OSError as exc:
             raise InputError(f"cannot read task-ID file {str(path)!r}: {exc.strerror}") from exc
-        return cls(name=str(path), stream=stream)
+        return cls(name=str(path), stream=stream, key=str(path.resolve()))
 
     @classmethod
     def from_stream(cls, name: str, stream: BinaryIO) -> IdSource:
@@ -72,36 +99,108 @@ class IdSource:
     def from_values(cls, name: str, values: Iterable[str]) -> IdSource:
         return cls(name=name, values=tuple(values))
 
-    def lines(self) -> Iterator[str]:
-        if self.stream is None:
-            yield from self.values
-            return
-        # utf-8-sig drops a BOM; universal newlines fold CRLF; undecodable bytes
-        # survive as escapes so the line is reported as invalid, not fatal.
-        text = io.TextIOWrapper(self.stream, encoding="utf-8-sig", errors="backslashreplace")
-        try:
-            yield from text
-        except OSError as exc:
-            raise InputError(f"cannot read task-ID file {self.name!r}: {exc.strerror}") from exc
-        finally:
-            text.detach()
-            self.stream.close()
 
-
-def iter_entries(sources: Iterable[IdSource]) -> Iterator[str | InvalidId]:
-    """Every task ID and every invalid line, in order.
+def iter_entries(
+    sources: Iterable[IdSource], bookmarks: Mapping[str, Mark] | None = None
+) -> Iterator[str | InvalidId | Mark]:
+    """Every task ID and every invalid line, in order, with :class:`Mark` entries in files.
 
     Blank lines and ``#`` comments are skipped in files; a value given as a flag
-    is always an ID, so an empty one is reported rather than ignored.
+    is always an ID, so an empty one is reported rather than ignored. A file whose
+    first bytes still match its entry in ``bookmarks`` is read from there on.
     """
     for source in sources:
-        for number, raw in enumerate(source.lines(), start=1):
-            text = raw.strip()
-            is_file = source.stream is not None
-            if is_file and (not text or text.startswith("#")):
+        if source.stream is None:
+            for number, value in enumerate(source.values, start=1):
+                text = value.strip()
+                problem = id_problem(text)
+                yield text if problem is None else InvalidId(source.name, number, text, problem)
+        else:
+            yield from _stream_entries(source, (bookmarks or {}).get(source.key))
+
+
+def _stream_entries(source: IdSource, bookmark: Mark | None) -> Iterator[str | InvalidId | Mark]:
+    """Lines of a byte stream, read as they arrive (``read1``: a slow pipe is not waited on).
+
+    Bytes are split into lines here rather than by a text wrapper so the offset of
+    every line is known: a :class:`Mark` follows each chunk of whole lines.
+    """
+    stream = source.stream
+    assert stream is not None
+    marks = bool(source.key)
+    digest = hashlib.sha256()
+    offset = lines = ids = skipped = 0
+    try:
+        if marks and bookmark is not None and _starts_as(stream, bookmark, digest):
+            offset, lines, ids, skipped = (
+                bookmark.offset,
+                bookmark.lines,
+                bookmark.ids,
+                bookmark.ids,
+            )
+        elif marks and bookmark is not None:
+            stream.seek(0)
+            digest = hashlib.sha256()
+        if marks:
+            yield Mark(source.key, offset, lines, ids, digest.hexdigest(), skipped)
+        read: Callable[[int], bytes] = getattr(stream, "read1", stream.read)
+        tail = b""
+        while chunk := read(READ_CHUNK):
+            data = tail + chunk if tail else chunk
+            cut = data.rfind(b"\n") + 1
+            if not cut:
+                tail = data
                 continue
-            problem = id_problem(text)
-            if problem is None:
-                yield text
-            else:
-                yield InvalidId(source.name, number, text, problem)
+            whole, tail = data[:cut], data[cut:]
+            found, lines = _entries(source.name, whole, lines, at_start=offset == 0)
+            ids += sum(1 for entry in found if isinstance(entry, str))
+            yield from found
+            offset += cut
+            if marks:
+                digest.update(whole)
+                yield Mark(source.key, offset, lines, ids, digest.hexdigest())
+        if tail:  # a last line without its newline: read, but not marked (it may still grow)
+            yield from _entries(source.name, tail + b"\n", lines, at_start=offset == 0)[0]
+    except OSError as exc:
+        raise InputError(f"cannot read task-ID file {source.name!r}: {exc.strerror}") from exc
+    finally:
+        stream.close()
+
+
+def _entries(
+    name: str, whole: bytes, before: int, *, at_start: bool
+) -> tuple[list[str | InvalidId], int]:
+    """Entries of ``whole`` (complete lines), numbered from ``before + 1``, and the new count.
+
+    The chunk is decoded at once (a bad byte cannot reach past its line's ``\\n``), and
+    the common line, a plain ID, takes one regular-expression match.
+    """
+    text = whole.decode("utf-8", "backslashreplace")
+    if at_start:
+        text = text.removeprefix("\ufeff")
+    found: list[str | InvalidId] = []
+    number = before
+    valid = _ID_CHARS.fullmatch
+    for line in text.split("\n")[:-1]:
+        # A lone CR ends a line too (as universal newlines read it); CRLF is one ending.
+        parts = line.split("\r") if "\r" in line[:-1] else (line,)
+        for part in parts:
+            number += 1
+            item = part.strip()
+            if len(item) <= MAX_ID_LENGTH and valid(item) and item not in (".", ".."):
+                found.append(item)
+            elif item and not item.startswith("#"):
+                found.append(InvalidId(name, number, item, id_problem(item) or "invalid"))
+    return found, number
+
+
+def _starts_as(stream: BinaryIO, bookmark: Mark, digest: hashlib._Hash) -> bool:
+    """Whether ``stream`` begins with the bytes ``bookmark`` describes (read into ``digest``)."""
+    left = bookmark.offset
+    while left:
+        chunk = stream.read(min(left, 1024 * 1024))
+        if not chunk:
+            return False
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.hexdigest() == bookmark.digest

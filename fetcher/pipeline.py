@@ -17,18 +17,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from .api import ApiClient
 from .archive import Archive, archive_error
+from .bookmarks import NO_FILE, BookmarkTracker
 from .config import Settings
 from .download import Downloaded, Downloader
 from .errors import FetcherError, FileExpired, FileGone, TaskError
 from .feed import batches
-from .ids import IdSource, InvalidId, iter_entries
+from .ids import IdSource, Mark, iter_entries
 from .layout import Layout, LayoutFields
 from .models import RemoteFile, Task, TaskState, format_time
 from .progress import NullProgress, Progress
@@ -139,6 +140,7 @@ class _Run:
         self.db = db
         self.layout = layout
         self.summary = RunSummary()
+        self._bookmarks = BookmarkTracker()
         self._seq = itertools.count()
 
     async def execute(self, sources: Iterable[IdSource], stop: asyncio.Event | None) -> RunSummary:
@@ -162,9 +164,12 @@ class _Run:
             proxies=self.settings.proxies,
             on_bytes=self.progress.bytes_received,
         )
+        sources = list(sources)
+        files = [s.key for s in sources if s.key]
+        saved = {} if self.options.retry_failed or not files else self.db.bookmarks(files)
         try:
             async with api, downloader:
-                await self._workers(api, downloader, sources, stop)
+                await self._workers(api, downloader, sources, saved, stop)
         except BaseExceptionGroup as group:
             fatal = _first_fatal(group)
             if not isinstance(fatal, _Stopped):
@@ -172,6 +177,10 @@ class _Run:
             self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
+        if not self.options.dry_run:
+            # Interrupted too: whatever was settled before the first open task stays so.
+            for reached in self._bookmarks.reached().values():
+                self.db.save_bookmark(reached)
         return self.summary
 
     async def _workers(
@@ -179,6 +188,7 @@ class _Run:
         api: ApiClient,
         downloader: Downloader,
         sources: Iterable[IdSource],
+        saved: Mapping[str, Mark],
         stop: asyncio.Event | None,
     ) -> None:
         n_queries, n_downloads = self.settings.concurrency, self.settings.downloads
@@ -186,7 +196,7 @@ class _Run:
         files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(_watch(stop)) if stop is not None else None
-            group.create_task(self._feed(sources, queries, n_queries))
+            group.create_task(self._feed(sources, saved, queries, n_queries))
             querying = [
                 group.create_task(self._query_worker(api, queries, files)) for _ in range(n_queries)
             ]
@@ -204,24 +214,46 @@ class _Run:
     # -- input --------------------------------------------------------------------------
 
     async def _feed(
-        self, sources: Iterable[IdSource], queries: asyncio.Queue[str | None], workers: int
+        self,
+        sources: Iterable[IdSource],
+        saved: Mapping[str, Mark],
+        queries: asyncio.Queue[str | None],
+        workers: int,
     ) -> None:
-        async for batch in batches(iter_entries(sources), FEED_BATCH):
+        tracker = self._bookmarks
+        async for batch in batches(iter_entries(sources, saved), FEED_BATCH):
             ids: list[str] = []
+            lines: dict[str, tuple[str, int]] = {}
+            position = tracker.position
             for entry in batch:
-                if isinstance(entry, InvalidId):
+                if isinstance(entry, str):
+                    ids.append(entry)
+                    lines.setdefault(entry, position)
+                elif isinstance(entry, Mark):
+                    tracker.mark(entry)
+                    position = tracker.position
+                    self.summary.unchanged += entry.skipped
+                else:
                     self.progress.message(str(entry))
                     self._outcome(TaskOutcome(entry.text, Outcome.INVALID, str(entry)))
-                else:
-                    ids.append(entry)
-            await self._admit(ids, queries)
+            await self._admit(ids, queries, lines)
         if self.options.pending:
-            await self._admit(self.db.unfinished_ids(), queries)
+            tracker.mark(NO_FILE)
+            await self._admit(self.db.unfinished_ids(), queries, {})
         for _ in range(workers):
             await queries.put(None)
 
-    async def _admit(self, ids: list[str], queries: asyncio.Queue[str | None]) -> None:
-        """Settle what the database already knows; queue the rest for a query."""
+    async def _admit(
+        self,
+        ids: list[str],
+        queries: asyncio.Queue[str | None],
+        lines: Mapping[str, tuple[str, int]],
+    ) -> None:
+        """Settle what the database already knows; queue the rest for a query.
+
+        ``lines`` says where in a list file each ID was read, so a task left open
+        keeps the next run reading from before it (see :mod:`fetcher.bookmarks`).
+        """
         fresh, known = self.db.first_sight(ids)
         before: list[str] = []
         for task_id in fresh:
@@ -232,6 +264,7 @@ class _Run:
                 reason = f"{state.state} in an earlier run: {state.reason}"
                 self._outcome(TaskOutcome(task_id, Outcome.SKIPPED, reason))
             else:
+                self._bookmarks.waiting(task_id, lines.get(task_id, ("", 0)))
                 await queries.put(task_id)
         if before:
             # The cron case: most of a long list. Counted in bulk, no object per task.
@@ -404,11 +437,19 @@ class _Run:
     def _settle_failure(self, task_id: str, reason: str, *, final: bool) -> None:
         if not self.options.dry_run:
             self.db.record_failure(task_id, reason, final=final)
+        if final:
+            self._bookmarks.settled(task_id)
         self._outcome(TaskOutcome(task_id, Outcome.FAILED, reason))
 
     def _outcome(self, outcome: TaskOutcome) -> None:
+        if outcome.outcome in _SETTLED:
+            self._bookmarks.settled(outcome.task_id)
         self.summary.add(outcome)
         self.progress.task_done(outcome)
+
+
+#: Outcomes whose answer will not change by asking again.
+_SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
 
 
 def _expiry(remote: RemoteFile) -> str | None:

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from .errors import ArchiveError
+from .ids import Mark
 from .layout import safe_segment
 from .models import RemoteFile, Task, format_time
 
@@ -62,6 +63,14 @@ CREATE TABLE IF NOT EXISTS files (
     content_type TEXT,
     reason       TEXT,
     PRIMARY KEY (task_id, idx)
+);
+CREATE TABLE IF NOT EXISTS lists (      -- see fetcher/bookmarks.py
+    source        TEXT PRIMARY KEY,     -- a list file's absolute path
+    settled_bytes INTEGER NOT NULL,     -- its beginning whose every task is settled
+    lines         INTEGER NOT NULL,
+    ids           INTEGER NOT NULL,
+    digest        TEXT NOT NULL,        -- SHA-256 of those bytes
+    updated_at    TEXT NOT NULL
 );
 """
 
@@ -364,7 +373,29 @@ class StateDB:
         with self.atomic() as conn:
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
 
+    def save_bookmark(self, mark: Mark) -> None:
+        """Remember how far ``mark.source`` is settled, for the next run to start there."""
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO lists VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET "
+                "settled_bytes = excluded.settled_bytes, lines = excluded.lines, "
+                "ids = excluded.ids, digest = excluded.digest, updated_at = excluded.updated_at",
+                (mark.source, mark.offset, mark.lines, mark.ids, mark.digest, now_text()),
+            )
+
     # -- reading ----------------------------------------------------------------------
+
+    def bookmarks(self, sources: Sequence[str]) -> dict[str, Mark]:
+        """What earlier runs settled of these list files (absolute paths)."""
+        found: dict[str, Mark] = {}
+        for source in sources:
+            row = self._query_one(
+                "SELECT settled_bytes, lines, ids, digest FROM lists WHERE source = ?", (source,)
+            )
+            if row is not None:
+                settled, lines, ids, digest = (str(value) for value in row)
+                found[source] = Mark(source, int(settled), int(lines), int(ids), digest)
+        return found
 
     def files_of(self, task_id: str) -> list[FileRow]:
         return [

@@ -63,6 +63,8 @@ class RunSummary:
     bytes_downloaded: int = 0
     requests: int = 0
     interrupted: bool = False
+    #: IDs in the unchanged, settled beginning of a list file, not read again.
+    unchanged: int = 0
 
     def add(self, outcome: TaskOutcome) -> None:
         self.counts[outcome.outcome] += 1
@@ -76,6 +78,7 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {o.value: self.counts[o] for o in Outcome}
         data.update(
+            unchanged=self.unchanged,
             files_downloaded=self.files_downloaded,
             bytes_downloaded=self.bytes_downloaded,
             requests=self.requests,
