@@ -55,6 +55,8 @@ RUN_TIMEOUT = 900.0
 HELP_RUNS = 10
 TOOLS = ("fetcher", "curl", "aria2c")
 C64 = "fetcher (64 MiB file)"
+#: (e) again, over an archive that has run over the list once: the cron case proper.
+RERUN = "fetcher (cron re-run)"
 
 
 # -- what is measured -------------------------------------------------------------------
@@ -138,7 +140,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "b": Workload("b", "40 tasks x one 64 MiB file", 40, 64 * MiB, TOOLS),
         "c": Workload("c", c_title, 1, c_size, (*TOOLS, C64)),
         "d": Workload("d", "re-run of (a) over the finished archive", 2000, 0, ("fetcher",)),
-        "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher",)),
+        "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher", RERUN)),
     }
 
 
@@ -172,8 +174,8 @@ def shm_needed(selected: Sequence[Workload]) -> int:
     kept = 600 * MiB if any(w.key == "d" for w in selected) else 0
     peak = 0
     for w in selected:
-        if w.key in ("d", "e"):  # an archive of about 500 MB and its per-run copy
-            peak = max(peak, 2 * 600 * MiB)
+        if w.key in ("d", "e"):  # an archive of about 500 MB, (e)'s re-run base, a run's copy
+            peak = max(peak, 3 * 600 * MiB)
         else:  # only (a)'s files are distinct; (b) hard-links one file; (c) adds a 64 MiB twin
             data = w.total_bytes if w.key == "a" else w.file_size
             peak = max(peak, data + w.total_bytes + 128 * MiB + kept)
@@ -590,9 +592,11 @@ def check_run(w: Workload, tool: str, child: Child, outdir: Path, log_dir: Path)
     except ValueError as exc:
         return f"no JSON summary: {exc}"
     if w.key in ("d", "e"):
-        settled, sent = summary.get("already_archived"), summary.get("requests")
+        # A re-run may not even read a list it has settled before: those IDs are "unchanged".
+        settled = summary.get("already_archived", 0) + summary.get("unchanged", 0)
+        sent = summary.get("requests")
         if settled != w.tasks or sent != 0:
-            return f"already_archived={settled} requests={sent}"
+            return f"already_archived+unchanged={settled} requests={sent}"
         return ""
     want = w.total_bytes if tool == "fetcher" else 64 * MiB
     if summary.get("archived") != w.tasks or summary.get("bytes_downloaded") != want:
@@ -615,10 +619,11 @@ def measure(bench: Bench, logs: AccessLogs, w: Workload, tool: str, run: int) ->
         assert bench.d_base is not None
         shutil.copytree(bench.d_base, outdir, symlinks=True)
     elif w.key == "e":
-        shutil.copytree(bench.work / "e-base", outdir, symlinks=True)
+        base = "e-warm" if tool == RERUN else "e-base"
+        shutil.copytree(bench.work / base, outdir, symlinks=True)
     else:
         outdir.mkdir()
-    tool_name = "fetcher" if tool == C64 else tool
+    tool_name = "fetcher" if tool in (C64, RERUN) else tool
     logs.mark()
     argv = command(bench, tool_name, name, outdir)
     if bench.args.profile and tool_name == "fetcher" and run >= 0:
@@ -672,6 +677,14 @@ def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None
         names = prepare_download(bench, w)
     elif w.key == "e":
         build_archived_state(bench, w)
+        say("  one unmeasured fetcher run over the list makes the re-run's archive")
+        warm = bench.work / "e-warm"
+        shutil.copytree(bench.work / "e-base", warm, symlinks=True)
+        log_dir = bench.work / "runs" / "e-warm.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        first = run_child(command(bench, "fetcher", "e", warm), bench.env, log_dir, RUN_TIMEOUT)
+        if first.exit_code != 0:
+            raise SystemExit(f"bench: the first fetcher run over (e) exited {first.exit_code}")
     elif w.key == "d" and bench.d_base is None:
         say("  no (a) archive yet: one unmeasured fetcher run over (a) makes it")
         a = workloads(bench.args.quick)["a"]
@@ -689,6 +702,7 @@ def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None
     drop_download(bench, names)
     if w.key == "e":
         shutil.rmtree(bench.work / "e-base", ignore_errors=True)
+        shutil.rmtree(bench.work / "e-warm", ignore_errors=True)
     if w.key == "d" and bench.d_base is not None:
         shutil.rmtree(bench.d_base, ignore_errors=True)
 
@@ -948,8 +962,10 @@ def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[
     add("c", "peak RSS within 10% of the 64 MiB-file run", spread, 10.0, "%")
     add("d", "fetcher wall <= 0.5 s", wall("d", "fetcher"), 0.5, "s")
     add("d", "zero requests", requests("d"), 0.0, "requests")
-    add("e", "fetcher wall <= 10 s", wall("e", "fetcher"), 10.0, "s")
+    add("e", "fetcher wall <= 10 s (first run over the list)", wall("e", "fetcher"), 10.0, "s")
     add("e", "fetcher peak RSS <= 100 MiB", rss("e", "fetcher"), 100.0, "MiB")
+    add("e", "cron re-run wall <= 10 s", wall("e", RERUN), 10.0, "s")
+    add("e", "cron re-run peak RSS <= 100 MiB", rss("e", RERUN), 100.0, "MiB")
     if help_wall is not None:
         out.append(Target("help", "fetcher --help < 0.3 s", f"{help_wall:.3f} s", help_wall < 0.3))
     return out
