@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
@@ -130,20 +131,42 @@ class Archive:
         if path.is_absolute() or not path.parts or ".." in path.parts:
             raise self._outside(relative)
         root = self._real_root()
-        target = root.joinpath(*path.parts)
+        top = str(root)
         checked = ""
         for part in path.parts:
             checked = f"{checked}/{part}"
             if checked in self._checked:
                 continue
-            here = root / checked[1:]
-            if here.is_symlink():
-                if root not in here.resolve().parents:
+            try:
+                mode = os.lstat(top + checked).st_mode
+            except FileNotFoundError:
+                break  # not there yet: nothing below it can be a link
+            if stat.S_ISLNK(mode):
+                if root not in Path(top + checked).resolve().parents:
                     raise self._outside(relative)
-            elif not here.is_dir():
-                break  # not there yet (or a file): nothing below it can be a link
+            elif not stat.S_ISDIR(mode):
+                break
             self._checked.add(checked)
-        return target
+        return root.joinpath(*path.parts)
+
+    def _move_into(self, source: Path, target: Path, relative: PurePosixPath) -> None:
+        """``os.replace`` into ``target``, creating its folder unless this run knows it is there.
+
+        A folder removed behind the run's back is made again, once.
+        """
+        folder = relative.parent
+        key = "/" + str(folder) if folder.parts else ""
+        if key and key not in self._checked:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for depth in range(1, len(folder.parts) + 1):
+                self._checked.add("/" + "/".join(folder.parts[:depth]))
+        try:
+            source.replace(target)
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.replace(target)
 
     def _real_root(self) -> Path:
         if self._root_real is None:
@@ -158,8 +181,7 @@ class Archive:
         """Move a finished work file to its place in the archive, atomically."""
         target = self.resolve(relative)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            work_file.replace(target)
+            self._move_into(work_file, target, relative)
             _fsync_dir(target.parent)
         except OSError as exc:
             raise archive_error(exc, target) from exc
@@ -167,7 +189,8 @@ class Archive:
 
     def write_sidecar(self, folder: PurePosixPath, document: Mapping[str, Any]) -> Path:
         """Write the task's JSON sidecar through a temp file, so it is whole or absent."""
-        target = self.resolve(folder / SIDECAR_NAME)
+        relative = folder / SIDECAR_NAME
+        target = self.resolve(relative)
         temp = self.work_dir / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".json.tmp")
         data = json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
         try:
@@ -175,8 +198,7 @@ class Archive:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp.replace(target)
+            self._move_into(temp, target, relative)
             _fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)

@@ -164,7 +164,9 @@ def format_time(value: datetime | None) -> str | None:
     """The one textual form fetcher writes for times: ISO 8601 UTC with ``Z``."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    v = value.astimezone(UTC)
+    # Not strftime: it was 2.6 % of a run over 2,000 small tasks, and pads years < 1000 oddly.
+    return f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}Z"
 
 
 def parse_task(task_id: str, body: bytes) -> Task:

@@ -327,6 +327,8 @@ class StateDB:
             )
             for remote in task.files:
                 self._upsert_file(conn, task.task_id, remote)
+        if row is None:  # new to the database: nothing of it can be done yet
+            return folder, {}
         return folder, {r.index: r for r in self.files_of(task.task_id) if r.state == "done"}
 
     def _upsert_file(self, conn: sqlite3.Connection, task_id: str, remote: RemoteFile) -> None:

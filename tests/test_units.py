@@ -1415,6 +1415,22 @@ def test_archive_resolve_refuses_symlink_escape(tmp_path: Path) -> None:
         archive.resolve("link/x.png")
 
 
+def test_archive_place_remakes_a_folder_removed_during_the_run(tmp_path: Path) -> None:
+    """A task folder deleted after the run made it is made again, not an error."""
+    import shutil
+
+    archive = Archive(tmp_path / "arch")
+    archive.prepare()
+    for name in ("one", "two"):
+        (archive.work_dir / name).write_bytes(name.encode())
+    archive.place(archive.work_dir / "one", PurePosixPath("a/b/one.bin"))
+    shutil.rmtree(archive.root / "a")
+
+    placed = archive.place(archive.work_dir / "two", PurePosixPath("a/b/two.bin"))
+
+    assert placed.read_bytes() == b"two"
+
+
 def test_archive_resolve_accepts_inside_paths(tmp_path: Path) -> None:
     """An ordinary relative path resolves below the root."""
     archive = Archive(tmp_path / "arch")
