@@ -19,6 +19,8 @@ from .errors import InputError
 MAX_ID_LENGTH = 256
 #: Bytes asked of a stream at a time; a mark follows each such chunk of whole lines.
 READ_CHUNK = 256 * 1024
+#: A line longer than this is not kept whole: it is reported by its start.
+LONG_LINE = 64 * 1024
 _BOM = b"\xef\xbb\xbf"
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -145,21 +147,43 @@ def _stream_entries(source: IdSource, bookmark: Mark | None) -> Iterator[str | I
             yield Mark(source.key, offset, lines, ids, digest.hexdigest(), skipped)
         read: Callable[[int], bytes] = getattr(stream, "read1", stream.read)
         tail = b""
+        #: The start of a line too long to be an ID, held while the rest goes by unkept.
+        long_head: bytes | None = None
         while chunk := read(READ_CHUNK):
             data = tail + chunk if tail else chunk
             cut = data.rfind(b"\n") + 1
             if not cut:
                 tail = data
+                if len(tail) > LONG_LINE:  # no ID is this long: keep its start for the message
+                    digest.update(tail)
+                    offset += len(tail)
+                    long_head = long_head or tail[:80]
+                    tail = b""
                 continue
             whole, tail = data[:cut], data[cut:]
-            found, lines = _entries(source.name, whole, lines, at_start=offset == 0)
+            if marks:
+                digest.update(whole)
+            start = 0
+            if long_head is not None:
+                start = whole.index(b"\n") + 1
+                lines += 1
+                text = (long_head + whole[: start - 1]).decode("utf-8", "backslashreplace")
+                yield InvalidId(source.name, lines, text.strip()[:80], "a line far too long")
+                long_head = None
+            found, lines = _entries(source.name, whole[start:], lines, at_start=offset == 0)
             ids += sum(1 for entry in found if isinstance(entry, str))
             yield from found
             offset += cut
             if marks:
-                digest.update(whole)
                 yield Mark(source.key, offset, lines, ids, digest.hexdigest())
-        if tail:  # a last line without its newline: read, but not marked (it may still grow)
+        if long_head is not None:
+            yield InvalidId(
+                source.name,
+                lines + 1,
+                long_head.decode("utf-8", "replace")[:80],
+                "a line far too long",
+            )
+        elif tail:  # a last line without its newline: read, but not marked (it may still grow)
             yield from _entries(source.name, tail + b"\n", lines, at_start=offset == 0)[0]
     except OSError as exc:
         raise InputError(f"cannot read task-ID file {source.name!r}: {exc.strerror}") from exc

@@ -221,3 +221,25 @@ def test_dry_run_leaves_no_bookmark(replica: Replica, settings: Settings, tmp_pa
 
     assert saved(settings, path) is None
     assert run_file(settings, path).counts[Outcome.ARCHIVED] == 1
+
+
+@pytest.mark.parametrize(
+    "ending", [pytest.param(b"\nabc\n", id="then-an-id"), pytest.param(b"", id="to-the-end")]
+)
+def test_line_far_too_long_is_one_invalid_entry(tmp_path: Path, ending: bytes) -> None:
+    """A binary file or a runaway line is reported once by its start, not held in memory whole."""
+    path = tmp_path / "ids.txt"
+    path.write_bytes(b"first\n" + b"x" * 3_000_000 + ending)
+
+    got = list(iter_entries([IdSource.from_path(path)]))
+
+    entries = [e for e in got if not isinstance(e, Mark)]
+    assert entries[0] == "first"
+    assert isinstance(entries[1], InvalidId)
+    assert (entries[1].line, entries[1].reason) == (2, "a line far too long")
+    assert entries[1].text == "x" * 80
+    assert entries[2:] == (["abc"] if ending else [])
+    last = [e for e in got if isinstance(e, Mark)][-1]
+    if ending:
+        assert (last.offset, last.lines) == (path.stat().st_size, 3)
+        assert last.digest == hashlib.sha256(path.read_bytes()).hexdigest()
