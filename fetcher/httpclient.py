@@ -193,6 +193,10 @@ class Response:
             if codings[-1] != "chunked" or any(c not in ("chunked", "identity") for c in codings):
                 raise ProtocolError(f"unsupported Transfer-Encoding {coding!r}")
             self._chunked = True
+            # Both framings at once is how responses get smuggled (RFC 9112 6.3): read
+            # this one as chunked, and trust nothing after it on this connection.
+            if "content-length" in headers:
+                self.reusable = False
         elif (length := headers.get("content-length")) is not None:
             values = {v.strip() for v in length.split(",")}
             if len(values) != 1 or not (value := values.pop()).isdigit() or not value.isascii():

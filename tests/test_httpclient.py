@@ -474,6 +474,24 @@ def test_close_delimited_body_is_read_to_eof_and_not_reused() -> None:
     asyncio.run(scenario())
 
 
+def test_chunked_with_a_content_length_too_is_read_chunked_and_not_reused() -> None:
+    """Both framings at once: the body is the chunked one and the connection is dropped."""
+
+    async def scenario() -> None:
+        both = Reply(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        async with Scripted(both, ok(b"second")) as server, client() as http:
+            async with http.stream(server.url()) as response:
+                assert await response.read(1000) == b"hello"
+                assert not response.reusable
+            assert await get(http, server.url()) == (200, b"second")
+            assert server.conn_of == [0, 1]
+
+    asyncio.run(scenario())
+
+
 # -- Content-Encoding and read limits -------------------------------------------------------
 
 
