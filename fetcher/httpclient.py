@@ -520,9 +520,14 @@ class HttpClient:
 
 
 def _take_idle(pool: _Pool) -> _Connection | None:
+    """A kept connection still fit for a request, or None."""
     while pool.idle:
         conn = pool.idle.pop()
-        if conn.reader.at_eof() or conn.writer.is_closing():
+        # Bytes that arrived while it sat idle answer no request of ours (a server that
+        # sent more than its Content-Length): read as the next answer, they would lie.
+        # StreamReader has no public way to ask, hence its private buffer.
+        stray = getattr(conn.reader, "_buffer", b"")
+        if conn.reader.at_eof() or conn.writer.is_closing() or stray:
             conn.close()
             continue
         return conn

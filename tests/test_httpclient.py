@@ -492,6 +492,23 @@ def test_chunked_with_a_content_length_too_is_read_chunked_and_not_reused() -> N
     asyncio.run(scenario())
 
 
+def test_bytes_past_the_body_keep_the_connection_out_of_the_pool() -> None:
+    """A server that sends more than its Content-Length: those bytes never become an answer."""
+
+    async def scenario() -> None:
+        spill = Reply(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+            b"Content-Length: 4\r\n\r\nLIES"
+        )
+        async with Scripted(spill, ok(b"truth")) as server, client() as http:
+            assert await get(http, server.url()) == (200, b"ok")
+            await asyncio.sleep(0.05)  # let the stray bytes arrive while the connection idles
+            assert await get(http, server.url()) == (200, b"truth")
+            assert server.conn_of == [0, 1]
+
+    asyncio.run(scenario())
+
+
 # -- Content-Encoding and read limits -------------------------------------------------------
 
 
