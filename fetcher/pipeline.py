@@ -116,7 +116,7 @@ async def fetch(
     archive.prepare()
     async with archive.wait_lock(options.wait_lock):
         archive.clean_work()
-        with StateDB(archive.db_path) as db:
+        with StateDB(archive.db_path) as db, db.grouped(asyncio.get_running_loop()):
             run = _Run(settings, options, progress or NullProgress(), archive, db, layout)
             return await run.execute(sources, stop)
 

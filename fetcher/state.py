@@ -8,6 +8,7 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -131,6 +132,8 @@ class StateDB:
         #: Tasks with a rowid up to this were in the database when the run began.
         self._rowid_limit = 0
         self._marks = bytearray(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed: ArchiveError | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -184,18 +187,64 @@ class StateDB:
 
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: all of it lands, or none of it does."""
+        """One step: all of it lands, or none of it does.
+
+        Inside :meth:`grouped`, steps taken in the same turn of the event loop share
+        one transaction, committed as soon as the loop gets control back.
+        """
         conn = self.conn
+        if self._failed is not None:
+            raise self._failed
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if self._loop is None:
+                conn.execute("BEGIN IMMEDIATE")
+            elif not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
+                self._loop.call_soon(self._commit_group)
+            conn.execute("SAVEPOINT step")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK TO step")
+                conn.execute("RELEASE step")
+                if self._loop is None:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            conn.execute("RELEASE step")
+            if self._loop is None:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+
+    @contextmanager
+    def grouped(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        """Group the steps of each event-loop turn into one transaction (a fetch run).
+
+        A profile of 2,000 small tasks spent a tenth of the loop's time in BEGIN and
+        COMMIT, three of each per task; on a disk, each COMMIT is also an fsync. A step
+        still lands whole or not at all (a savepoint each), and the order of commits
+        is the order of steps; a kill can lose only the steps of the turn it hit,
+        which the next run does again.
+        """
+        self._loop = loop
+        try:
+            yield
+        finally:
+            self._loop = None
+            self._commit_group()
+        if self._failed is not None:
+            raise self._failed
+
+    def _commit_group(self) -> None:
+        """Commit the turn's steps; a failure is raised by the next step (a loop callback
+        has no caller to raise to)."""
+        if self._conn is not None and self._conn.in_transaction:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                self._failed = ArchiveError(f"state database {str(self.path)!r}: {exc}")
 
     def _query_one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
         try:

@@ -6,6 +6,7 @@ and the command line in test_cli.py.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -1487,6 +1488,48 @@ def test_first_sight_dedups_across_batches(tmp_path: Path) -> None:
     with StateDB(tmp_path / "state.sqlite") as db:
         fresh, _ = db.first_sight(ids + ids[:600] + ["new"] + ids[1100:])
         assert fresh == [*ids, "new"]
+
+
+def _committed_states(path: Path) -> dict[str, int]:
+    """What another connection (another process) sees: only committed rows."""
+    with StateDB(path, readonly=True) as other:
+        return other.counts()
+
+
+def test_grouped_steps_of_one_loop_turn_commit_together_when_it_ends(tmp_path: Path) -> None:
+    """Steps in one turn share a transaction, committed once the loop runs again."""
+    path = tmp_path / "state.sqlite"
+
+    async def scenario() -> None:
+        with StateDB(path) as db, db.grouped(asyncio.get_running_loop()):
+            db.mark_archived("t1")
+            db.record_failure("t2", "HTTP 500", final=False)
+            assert _committed_states(path) == {}
+            await asyncio.sleep(0)
+            assert _committed_states(path) == {"archived": 1, "failed": 1}
+            db.mark_archived("t3")
+        assert _committed_states(path) == {"archived": 2, "failed": 1}
+
+    asyncio.run(scenario())
+
+
+def test_grouped_step_that_fails_rolls_back_alone(tmp_path: Path) -> None:
+    """A step raising inside a group undoes only its own writes; the turn's others land."""
+    path = tmp_path / "state.sqlite"
+
+    async def scenario() -> None:
+        with StateDB(path) as db, db.grouped(asyncio.get_running_loop()):
+            db.mark_archived("t1")
+            with pytest.raises(RuntimeError), db.atomic() as conn:
+                conn.execute(
+                    "INSERT INTO tasks (task_id, state, first_seen, updated_at) "
+                    "VALUES ('t2', 'failed', 'x', 'x')"
+                )
+                raise RuntimeError("this step goes wrong")
+            db.mark_archived("t3")
+        assert _committed_states(path) == {"archived": 2}
+
+    asyncio.run(scenario())
 
 
 def test_first_sight_reports_known_states_in_a_new_run(tmp_path: Path) -> None:
