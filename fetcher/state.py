@@ -446,6 +446,20 @@ class StateDB:
 
     # -- reading ----------------------------------------------------------------------
 
+    def all_bookmarks(self) -> list[tuple[Mark, str]]:
+        """Every remembered list file with when it was last settled; none in an older archive."""
+        has_table = self._query_one("SELECT 1 FROM sqlite_master WHERE name = 'lists'")
+        if has_table is None:  # made by a fetcher before lists were remembered
+            return []
+        rows = self._query(
+            "SELECT source, settled_bytes, lines, ids, digest, updated_at FROM lists "
+            "ORDER BY source"
+        )
+        return [
+            (Mark(str(source), int(str(size)), int(str(lines)), int(str(ids)), str(d)), str(at))
+            for source, size, lines, ids, d, at in rows
+        ]
+
     def bookmarks(self, sources: Sequence[str]) -> dict[str, Mark]:
         """What earlier runs settled of these list files (absolute paths)."""
         found: dict[str, Mark] = {}

@@ -32,6 +32,7 @@ class StatusReport:
     pending: list[dict[str, Any]]
     expiring: list[dict[str, Any]]
     failures: list[dict[str, Any]]
+    lists: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class StatusReport:
             "pending": self.pending,
             "expiring": self.expiring,
             "failures": self.failures,
+            "lists": self.lists,
         }
 
     def lines(self) -> list[str]:
@@ -68,6 +70,13 @@ class StatusReport:
         if self.failures:
             out.append("failures:")
             out += [f"  {f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures]
+        if self.lists:
+            out.append("list files, read on from their settled beginning next time:")
+            out += [
+                f"  {item['path']}  first {item['lines']} lines ({item['ids']} IDs) settled,"
+                f" as of {item['updated_at']}"
+                for item in self.lists
+            ]
         return out
 
 
@@ -99,7 +108,17 @@ def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
             {"task_id": str(r[0]), "state": str(r[1]), "reason": r[6]}
             for r in db.tasks_in((FAILED, EXPIRED), order="updated_at DESC")[:LIST_LIMIT]
         ]
-    return StatusReport(str(archive.root), counts, files, size, pending, expiring, failures)
+        lists = [
+            {
+                "path": mark.source,
+                "settled_bytes": mark.offset,
+                "lines": mark.lines,
+                "ids": mark.ids,
+                "updated_at": updated_at,
+            }
+            for mark, updated_at in db.all_bookmarks()
+        ]
+    return StatusReport(str(archive.root), counts, files, size, pending, expiring, failures, lists)
 
 
 def _pending_entry(row: tuple[object, ...], now: datetime) -> dict[str, Any]:

@@ -897,6 +897,41 @@ def test_status_json_reports_counts_pending_and_failures(
     assert "did not pass moderation" in failure["reason"]
 
 
+def test_status_shows_remembered_lists(replica: Replica, archive_dir: Path, tmp_path: Path) -> None:
+    """After a run over a list file, ``status`` says how much of it the next run skips."""
+    ids = [task_id(n) for n in range(3)]
+    for tid in ids:
+        add_image_task(replica, tid)
+    listing = tmp_path / "ids.txt"
+    listing.write_text("# cron list\n" + "".join(f"{t}\n" for t in ids))
+    env = cli_env(replica, archive_dir)
+    assert run_cli(["fetch", str(listing)], env=env).returncode == 0
+
+    text = run_cli(["status"], env=env)
+    report = summary_json(run_cli(["status", "--json"], env=env))
+
+    assert text.returncode == 0, text.stderr
+    assert f"{listing.resolve()}  first 4 lines (3 IDs) settled" in text.stdout
+    [remembered] = report["lists"]
+    assert remembered["path"] == str(listing.resolve())
+    assert (remembered["lines"], remembered["ids"]) == (4, 3)
+    assert remembered["settled_bytes"] == listing.stat().st_size
+
+
+def test_status_of_an_archive_from_before_lists_were_remembered(
+    archive_dir: Path, mixed_archive: dict[str, str]
+) -> None:
+    """An archive whose database has no ``lists`` table yet still gets a status."""
+    import sqlite3
+
+    with sqlite3.connect(archive_dir / ".fetcher" / "state.sqlite") as conn:
+        conn.execute("DROP TABLE lists")
+    result = run_cli(["status", "--json", "--archive", str(archive_dir)])
+
+    assert result.returncode == 0, result.stderr
+    assert summary_json(result)["lists"] == []
+
+
 def test_status_works_while_a_run_holds_the_lock(
     archive_dir: Path, mixed_archive: dict[str, str]
 ) -> None:
