@@ -13,25 +13,19 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 from typing import Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from . import __version__
 from .errors import AuthError, QueryError, ResponseError, TaskNotFound
-from .httpclient import HttpClient, HttpError, InvalidUrl, TimedOut, Url
+from .httpclient import HttpClient, HttpError, TimedOut
 from .models import ApiErrorCode, Task, load_json, one_line, parse_task
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
+from .url import Url
 
 QUERY_PATH = "/tencent-vod/v1/query/"
 #: A query answer is a few KiB; anything past this is not an answer.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 USER_AGENT = f"fetcher/{__version__}"
-
-
-def origin_of(url: str) -> tuple[str, str, int | None]:
-    """Scheme, host and effective port: what "same origin" compares."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
 class _Transient(Exception):
@@ -58,7 +52,9 @@ class ApiClient:
         proxies: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.origin = origin_of(self.base_url)
+        #: Every query's URL but the task ID: parsed once, here, not once per query.
+        self._prefix = Url.parse(self.base_url + QUERY_PATH)
+        self.origin = self._prefix.origin
         self._key = api_key
         self._timeout = timeout
         self._policy = policy
@@ -143,10 +139,7 @@ class ApiClient:
     async def _get(self, task_id: str) -> tuple[int, dict[str, str], bytes]:
         assert self._client is not None, "ApiClient used outside 'async with'"
         await self._limiter.wait()
-        try:
-            url = Url.parse(self.base_url + QUERY_PATH + quote(task_id, safe=""))
-        except InvalidUrl as exc:
-            raise QueryError(f"cannot query: {exc}", task_id=task_id) from None
+        url = self._prefix.joined(quote(task_id, safe=""))
         self.requests_sent += 1
         try:
             async with self._client.stream(url) as response:

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import platformdirs
 
 from .errors import ConfigError
 from .layout import DEFAULT_LAYOUT, Layout
+from .url import InvalidUrl, Url
 
 APP_NAME = "fetcher"
 ENV_PREFIX = "FETCHER_"
@@ -124,14 +124,13 @@ def _proxies(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
                 continue
             if name != "no":
                 value = value if "://" in value else "http://" + value
+                if not value.lower().startswith("http://"):
+                    raise ConfigError(f"{variable}: only http:// proxies are supported")
                 try:
-                    parts = urlsplit(value)
-                    _ = parts.port
-                except ValueError:
+                    Url.parse(value)  # as the client will, so it cannot fail there instead
+                except InvalidUrl:
                     # Not the parser's words: they quote the URL, and with it any password.
                     raise ConfigError(f"{variable} is not a usable proxy URL") from None
-                if parts.scheme != "http" or not parts.hostname:
-                    raise ConfigError(f"{variable}: only http:// proxies are supported")
             found.append((name, value))
             break
     return tuple(found)
@@ -213,7 +212,10 @@ def _validate(settings: Settings) -> None:
         if not 0 < getattr(settings, name) < math.inf:
             raise ConfigError(f"setting {name!r} must be a finite number greater than 0")
     if settings.base_url:
-        parts = urlsplit(settings.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"setting 'base_url': {settings.base_url!r} is not an http(s) URL")
+        try:
+            Url.parse(settings.base_url)
+        except InvalidUrl as exc:
+            raise ConfigError(
+                f"setting 'base_url': {settings.base_url!r} is not an http(s) URL ({exc})"
+            ) from None
     Layout(settings.layout)

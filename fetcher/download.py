@@ -24,16 +24,16 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
-from .api import USER_AGENT, origin_of
+from .api import USER_AGENT
 from .errors import DownloadError, FileExpired, FileGone, IntegrityError
-from .httpclient import HttpClient, HttpError, InvalidUrl, RedirectError, Response, TimedOut, Url
+from .httpclient import HttpClient, HttpError, RedirectError, Response, TimedOut
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import BLOCK, ShortWorkFile, WorkSink
+from .url import InvalidUrl, Url
 
 MAX_REDIRECTS = 5
 GONE_STATUSES = frozenset({403, 404, 410})
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
 #: Called with each chunk's length, so the edge can draw a bytes bar.
 BytesCallback = Callable[[int], None]
@@ -148,7 +148,7 @@ class Downloader:
         timeout: float,
         policy: RetryPolicy,
         max_file_size: int,
-        api_origin: tuple[str, str, int | None] | None,
+        api_origin: tuple[str, str, int] | None,
         connections: int,
         on_bytes: BytesCallback | None = None,
         proxies: tuple[tuple[str, str], ...] = (),
@@ -218,17 +218,13 @@ class Downloader:
 
     def _check_url(self, task_id: str, url: str) -> Url:
         """Refuse what must never be fetched, whether it came from the API or the database."""
-        scheme = match.group(1).lower() if (match := _SCHEME.match(url)) else ""
-        if scheme not in ("http", "https"):
-            raise DownloadError(
-                f"refusing FileUrl with scheme {scheme or 'none'!r}", task_id=task_id, url=url
-            )
         try:
             parsed = Url.parse(url)
         except InvalidUrl as exc:
             problem = one_line(str(exc)) or type(exc).__name__
             raise DownloadError(f"unusable FileUrl: {problem}", task_id=task_id, url=url) from exc
-        if self._api_origin is not None and origin_of(url) == self._api_origin:
+        # Compared as parsed: an IDNA host and its punycode form are one origin.
+        if self._api_origin is not None and parsed.origin == self._api_origin:
             raise DownloadError("refusing FileUrl that points at the API's origin", task_id=task_id)
         return parsed
 

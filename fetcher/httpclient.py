@@ -19,36 +19,31 @@ line, header or chunk are errors, never guesses. Errors form one small tree::
     ├── ProtocolError         closed early, or not a valid HTTP/1.1 answer
     └── RedirectError         too many redirects, or to a URL that is not http(s)
 
-and :class:`InvalidUrl` (a ``ValueError``) for a URL that cannot be requested.
+and :class:`~fetcher.url.InvalidUrl` (a ``ValueError``) for a URL that cannot be
+requested.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
+
+from .url import InvalidUrl, Url
 
 #: A response head (status line and headers) larger than this is refused.
 MAX_HEAD_BYTES = 64 * 1024
 #: StreamReader's buffer limit: reads up to this much before pausing the socket.
 _READ_LIMIT = 1024 * 1024
-#: Characters a request target may carry as they are; the rest is percent-encoded.
-_TARGET_SAFE = "/%:@!$&'()*+,;=-._~?"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _T = TypeVar("_T")
-#: Dot-separated labels of letters, digits, ``-`` and ``_``, at most 63 each (IPv4 fits too).
-_HOST = re.compile(
-    r"(?!.{254})[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
 
 
 class HttpError(Exception):
@@ -73,73 +68,6 @@ class ProtocolError(HttpError):
 
 class RedirectError(HttpError):
     """Too many redirects, or a redirect to something that is not an http(s) URL."""
-
-
-class InvalidUrl(ValueError):
-    """A URL that cannot be requested: its text says what is wrong with it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Url:
-    """A parsed, requestable http(s) URL."""
-
-    scheme: str
-    host: str
-    port: int
-    target: str
-    text: str
-
-    @property
-    def origin(self) -> tuple[str, str, int]:
-        return self.scheme, self.host, self.port
-
-    @property
-    def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> Url:
-        """Parse and normalise; raises :class:`InvalidUrl` for anything unusable."""
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-            raise InvalidUrl("URL holds a control character")
-        if text != text.strip(" "):
-            raise InvalidUrl("URL starts or ends with a space")
-        try:
-            parts = urlsplit(text)
-            port = parts.port
-        except ValueError as exc:
-            raise InvalidUrl(str(exc) or "malformed URL") from exc
-        if port == 0:
-            raise InvalidUrl("port 0 is not a port to connect to")
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise InvalidUrl(f"scheme {scheme or 'none'!r} is not http or https")
-        host = parts.hostname or ""
-        if not host:
-            raise InvalidUrl("URL has no host")
-        if not host.isascii():
-            try:
-                host = host.encode("idna").decode("ascii")
-            except UnicodeError as exc:
-                raise InvalidUrl(f"host {host!r} is not a valid name") from exc
-        if not (_is_ipv6(host) if ":" in host else _HOST.fullmatch(host)):
-            raise InvalidUrl(f"host {host!r} is not a valid name")
-        target = quote(parts.path or "/", safe=_TARGET_SAFE)
-        if parts.query:
-            target += "?" + quote(parts.query, safe=_TARGET_SAFE)
-        return cls(scheme, host, port or (443 if scheme == "https" else 80), target, text)
-
-
-def _is_ipv6(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(slots=True)

@@ -165,8 +165,12 @@ class _Run:
             on_bytes=self.progress.bytes_received,
         )
         sources = list(sources)
-        files = [s.key for s in sources if s.key]
-        saved = {} if self.options.retry_failed or not files else self.db.bookmarks(files)
+        files = {s.key for s in sources if s.key}
+        saved = (
+            {}
+            if self.options.retry_failed or not files
+            else {mark.source: mark for mark, _ in self.db.bookmarks() if mark.source in files}
+        )
         try:
             async with api, downloader:
                 await self._workers(api, downloader, sources, saved, stop)

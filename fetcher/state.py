@@ -446,10 +446,13 @@ class StateDB:
 
     # -- reading ----------------------------------------------------------------------
 
-    def all_bookmarks(self) -> list[tuple[Mark, str]]:
-        """Every remembered list file with when it was last settled; none in an older archive."""
+    def bookmarks(self) -> list[tuple[Mark, str]]:
+        """Every remembered list file, with when it was last settled (a row per list file).
+
+        None in an archive made before lists were remembered (read-only, so no table).
+        """
         has_table = self._query_one("SELECT 1 FROM sqlite_master WHERE name = 'lists'")
-        if has_table is None:  # made by a fetcher before lists were remembered
+        if has_table is None:
             return []
         rows = self._query(
             "SELECT source, settled_bytes, lines, ids, digest, updated_at FROM lists "
@@ -459,18 +462,6 @@ class StateDB:
             (Mark(str(source), int(str(size)), int(str(lines)), int(str(ids)), str(d)), str(at))
             for source, size, lines, ids, d, at in rows
         ]
-
-    def bookmarks(self, sources: Sequence[str]) -> dict[str, Mark]:
-        """What earlier runs settled of these list files (absolute paths)."""
-        found: dict[str, Mark] = {}
-        for source in sources:
-            row = self._query_one(
-                "SELECT settled_bytes, lines, ids, digest FROM lists WHERE source = ?", (source,)
-            )
-            if row is not None:
-                settled, lines, ids, digest = (str(value) for value in row)
-                found[source] = Mark(source, int(settled), int(lines), int(ids), digest)
-        return found
 
     def files_of(self, task_id: str) -> list[FileRow]:
         return [

@@ -53,34 +53,42 @@ class StatusReport:
             + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in _STATES)
             + f"; {self.files_archived} files, {self.bytes_archived} bytes archived"
         )
-        if self.pending:
-            out.append("pending (oldest first):")
-            out += [
-                f"  {p['task_id']}  {p['state']}, first seen {p['first_seen']}, "
+        out += _section(
+            "pending (oldest first):",
+            [
+                f"{p['task_id']}  {p['state']}, first seen {p['first_seen']}, "
                 f"{_left(p['queryable_for_seconds'], 'queryable')}"
                 for p in self.pending
-            ]
-        if self.expiring:
-            out.append("files not yet downloaded, nearest expiry first:")
-            out += [
-                f"  {f['task_id']} file {f['index']}  expires {f['expire_time']}"
+            ],
+        )
+        out += _section(
+            "files not yet downloaded, nearest expiry first:",
+            [
+                f"{f['task_id']} file {f['index']}  expires {f['expire_time']}"
                 f" ({_left(f['expires_in_seconds'], 'left')})"
                 for f in self.expiring
-            ]
-        if self.failures:
-            out.append("failures:")
-            out += [f"  {f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures]
-        if self.lists:
-            out.append("list files, read on from their settled beginning next time:")
-            out += [
-                f"  {item['path']}  first {item['lines']} lines ({item['ids']} IDs) settled,"
+            ],
+        )
+        out += _section(
+            "failures:", [f"{f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures]
+        )
+        out += _section(
+            "list files, read on from their settled beginning next time:",
+            [
+                f"{item['path']}  first {item['lines']} lines ({item['ids']} IDs) settled,"
                 f" as of {item['updated_at']}"
                 for item in self.lists
-            ]
+            ],
+        )
         return out
 
 
 _STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+
+
+def _section(title: str, rows: list[str]) -> list[str]:
+    """A titled, indented block of the report; nothing at all when it has no rows."""
+    return [title, *(f"  {row}" for row in rows)] if rows else []
 
 
 def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
@@ -116,7 +124,7 @@ def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
                 "ids": mark.ids,
                 "updated_at": updated_at,
             }
-            for mark, updated_at in db.all_bookmarks()
+            for mark, updated_at in db.bookmarks()
         ]
     return StatusReport(str(archive.root), counts, files, size, pending, expiring, failures, lists)
 

@@ -26,7 +26,6 @@ from io import BufferedReader
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from .api import origin_of
 from .archive import SIDECAR_NAME, Archive, archive_error
 from .config import Settings
 from .download import Downloaded, Downloader
@@ -35,6 +34,7 @@ from .models import RemoteFile, parse_time
 from .progress import NullProgress
 from .retry import RetryPolicy
 from .state import FileRow, StateDB
+from .url import Url
 
 #: Files are read and hashed in blocks this size.
 HASH_BLOCK = 1024 * 1024
@@ -268,7 +268,7 @@ async def _repair_all(
         timeout=settings.timeout,
         policy=RetryPolicy(retries=settings.retries, base=settings.retry_wait),
         max_file_size=settings.max_file_size,
-        api_origin=origin_of(settings.base_url) if settings.base_url else None,
+        api_origin=Url.parse(settings.base_url).origin if settings.base_url else None,
         connections=1,
         proxies=settings.proxies,
         on_bytes=progress.bytes_received,

@@ -28,7 +28,7 @@ def queried(replica: Replica) -> list[str]:
 
 def saved(settings: Settings, path: Path) -> Mark | None:
     with StateDB(settings.archive / ".fetcher" / "state.sqlite") as db:
-        return db.bookmarks([str(path.resolve())]).get(str(path.resolve()))
+        return next((m for m, _ in db.bookmarks() if m.source == str(path.resolve())), None)
 
 
 @pytest.fixture

@@ -86,6 +86,34 @@ def test_file_url_on_the_api_origin_is_refused(
     assert archived_files(archive_dir) == {}
 
 
+def test_file_url_naming_the_api_host_in_punycode_is_refused(tmp_path: Path) -> None:
+    """An IDNA API host and its punycode spelling are one origin: that FileUrl is refused too."""
+    from fetcher.api import ApiClient
+    from fetcher.download import Downloader
+    from fetcher.errors import DownloadError
+    from fetcher.models import RemoteFile
+    from fetcher.retry import RetryPolicy
+
+    policy = RetryPolicy(retries=0)
+    api = ApiClient(
+        "http://b\u00fccher.example", "key", timeout=1, policy=policy, rate=1, concurrency=1
+    )
+
+    async def attempt() -> None:
+        async with Downloader(
+            timeout=1,
+            policy=policy,
+            max_file_size=1000,
+            api_origin=api.origin,
+            connections=1,
+        ) as downloader:
+            url = "http://xn--bcher-kva.example/x.png"
+            await downloader.download("t", RemoteFile(0, url, None), tmp_path / "w.part")
+
+    with pytest.raises(DownloadError, match="points at the API's origin"):
+        asyncio.run(attempt())
+
+
 # -- downloads ------------------------------------------------------------------------------
 
 

@@ -458,33 +458,33 @@ def test_transfer_encoding_other_than_chunked_is_a_protocol_error(coding: str) -
         body_of(Reply(raw, close=True))
 
 
-def test_close_delimited_body_is_read_to_eof_and_not_reused() -> None:
-    """With no length the body runs to the server's close; the next GET opens a new connection."""
+@pytest.mark.parametrize(
+    ("first", "body"),
+    [
+        pytest.param(
+            Reply(b"HTTP/1.1 200 OK\r\n\r\nuntil the very end", close=True),
+            b"until the very end",
+            id="close-delimited",
+        ),
+        pytest.param(
+            Reply(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            ),
+            b"hello",
+            id="chunked-and-content-length",
+        ),
+    ],
+)
+def test_body_read_whole_but_connection_not_reused(first: Reply, body: bytes) -> None:
+    """No length (the body runs to the close), or both framings at once (read as chunked):
+    the body is read whole and the next GET opens a new connection."""
 
     async def scenario() -> None:
-        first = Reply(b"HTTP/1.1 200 OK\r\n\r\nuntil the very end", close=True)
         async with Scripted(first, ok(b"second")) as server, client() as http:
             async with http.stream(server.url()) as response:
-                assert await response.read(1000) == b"until the very end"
+                assert await response.read(1000) == body
                 assert response.complete
-                assert not response.reusable
-            assert await get(http, server.url()) == (200, b"second")
-            assert server.conn_of == [0, 1]
-
-    asyncio.run(scenario())
-
-
-def test_chunked_with_a_content_length_too_is_read_chunked_and_not_reused() -> None:
-    """Both framings at once: the body is the chunked one and the connection is dropped."""
-
-    async def scenario() -> None:
-        both = Reply(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n"
-        )
-        async with Scripted(both, ok(b"second")) as server, client() as http:
-            async with http.stream(server.url()) as response:
-                assert await response.read(1000) == b"hello"
                 assert not response.reusable
             assert await get(http, server.url()) == (200, b"second")
             assert server.conn_of == [0, 1]
@@ -1421,6 +1421,16 @@ def test_proxy_settings_come_from_the_environment(
             {"HTTP_PROXY": "http://bob:hunter2@proxy:99999"},
             "HTTP_PROXY is not a usable proxy URL",
             id="bad-port",
+        ),
+        pytest.param(
+            {"HTTP_PROXY": "http://bob:hunter2@proxy:0"},
+            "HTTP_PROXY is not a usable proxy URL",
+            id="port-zero",
+        ),
+        pytest.param(
+            {"http_proxy": "http://bob:hunter2@pro<xy:3128"},
+            "http_proxy is not a usable proxy URL",
+            id="bad-host",
         ),
     ],
 )

@@ -1116,6 +1116,8 @@ def test_invalid_toml_is_config_error(tmp_path: Path) -> None:
         pytest.param("base_url", "ftp://x", id="base-url-ftp"),
         pytest.param("base_url", "https://", id="base-url-no-host"),
         pytest.param("base_url", "api.example.com", id="base-url-no-scheme"),
+        pytest.param("base_url", "https://gw.example:0", id="base-url-port-zero"),
+        pytest.param("base_url", "https://gw<example", id="base-url-bad-host"),
     ],
 )
 def test_bad_env_value_names_the_setting(name: str, env_value: str, tmp_path: Path) -> None:
