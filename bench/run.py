@@ -592,11 +592,11 @@ def check_run(w: Workload, tool: str, child: Child, outdir: Path, log_dir: Path)
     except ValueError as exc:
         return f"no JSON summary: {exc}"
     if w.key in ("d", "e"):
-        # A re-run may not even read a list it has settled before: those IDs are "unchanged".
-        settled = summary.get("already_archived", 0) + summary.get("unchanged", 0)
+        # ``already_archived`` counts the IDs of a settled list that were not read again.
+        settled = summary.get("already_archived")
         sent = summary.get("requests")
         if settled != w.tasks or sent != 0:
-            return f"already_archived+unchanged={settled} requests={sent}"
+            return f"already_archived={settled} requests={sent}"
         return ""
     want = w.total_bytes if tool == "fetcher" else 64 * MiB
     if summary.get("archived") != w.tasks or summary.get("bytes_downloaded") != want:

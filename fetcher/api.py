@@ -1,7 +1,8 @@
 """The query API client: one authenticated connection pool, used only for the API's origin.
 
-The key lives in this client's default headers and nowhere else; redirects are
-never followed, so it cannot be carried to another host. Transient trouble
+The key lives in this client's session headers and nowhere else; redirects are
+never followed, so it cannot be carried to another host. Answers are asked for
+gzip: a DescribeTaskDetail body is JSON that compresses several times over. Transient trouble
 (throttling, 5xx, dropped connections, Tencent's ``RequestLimitExceeded``) is
 retried under the shared :class:`~fetcher.retry.RetryPolicy`; a rejected key
 raises :class:`~fetcher.errors.AuthError` at once, since every later query would
@@ -16,10 +17,10 @@ from typing import Self
 from urllib.parse import quote
 
 from . import __version__
-from .errors import AuthError, QueryError, ResponseError, TaskNotFound
-from .httpclient import HttpClient, HttpError, TimedOut
+from .errors import AuthError, HttpError, QueryError, ResponseError, TaskNotFound
 from .models import ApiErrorCode, Task, load_json, one_line, parse_task
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
+from .transport import Session
 from .url import Url
 
 QUERY_PATH = "/tencent-vod/v1/query/"
@@ -61,16 +62,16 @@ class ApiClient:
         self._limiter = RateLimiter(rate)
         self._concurrency = concurrency
         self._proxies = dict(proxies)
-        self._client: HttpClient | None = None
+        self._client: Session | None = None
         #: Queries actually sent, retries included: what "zero requests" is measured by.
         self.requests_sent = 0
 
     async def __aenter__(self) -> Self:
-        self._client = HttpClient(
+        self._client = Session(
             headers={
                 "Authorization": f"Bearer {self._key}",
                 "User-Agent": USER_AGENT,
-                "Accept-Encoding": "identity",
+                "Accept-Encoding": "gzip, deflate",
             },
             timeout=self._timeout,
             connections=self._concurrency,
@@ -103,11 +104,11 @@ class ApiClient:
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
 
     async def _attempt(self, task_id: str) -> Task:
-        status, headers, body = await self._get(task_id)
+        status, retry_after, body = await self._get(task_id)
         if status in (401, 403):
             raise AuthError(f"the API rejected the key (HTTP {status}{self._detail(body)})")
         if status in RETRY_STATUSES:
-            raise _Transient(f"HTTP {status}", parse_retry_after(headers.get("retry-after")))
+            raise _Transient(f"HTTP {status}", retry_after)
         if 300 <= status < 400:
             raise QueryError(
                 f"the API answered HTTP {status} (redirects are not followed)", task_id=task_id
@@ -136,25 +137,27 @@ class ApiClient:
                 raise _Transient(exc.code) from None
             raise
 
-    async def _get(self, task_id: str) -> tuple[int, dict[str, str], bytes]:
+    async def _get(self, task_id: str) -> tuple[int, float | None, bytes]:
+        """One query's status, ``Retry-After`` in seconds, and decoded body."""
         assert self._client is not None, "ApiClient used outside 'async with'"
         await self._limiter.wait()
         url = self._prefix.joined(quote(task_id, safe=""))
         self.requests_sent += 1
         try:
-            async with self._client.stream(url) as response:
+            async with self._client.get(url) as response:
                 body = bytearray()
-                async for chunk in response.iter_decoded():
+                async for chunk in response.content.iter_any():
                     body += chunk
                     if len(body) > MAX_RESPONSE_BYTES:
                         raise ResponseError(
                             f"response larger than {MAX_RESPONSE_BYTES} bytes", task_id=task_id
                         )
-                return response.status, response.headers, bytes(body)
-        except TimedOut as exc:
-            raise _Transient(str(exc)) from exc
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                return response.status, retry_after, bytes(body)
         except HttpError as exc:
-            raise _Transient(one_line(str(exc))) from exc
+            if not exc.retryable:
+                raise QueryError(f"query failed: {exc}", task_id=task_id) from exc
+            raise _Transient(str(exc)) from exc
 
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, TextIO
 
-from .summary import BAD_OUTCOMES, Outcome, RunSummary, TaskOutcome
+from .summary import Outcome, RunSummary, TaskOutcome
 
 log = logging.getLogger("fetcher")
 
@@ -150,18 +150,33 @@ class BarProgress(LogProgress):
 
 def summary_line(summary: RunSummary) -> str:
     """The run in one line: what a cron mail's subject would want to say."""
-    shown = [
-        f"{summary.counts[o]} {o.value.replace('_', ' ')}" for o in Outcome if summary.counts[o]
-    ]
-    if summary.unchanged:
-        shown.append(f"{summary.unchanged} unchanged since the last run")
+    counts = summary.counts
+    totals = {
+        Outcome.ALREADY_ARCHIVED: (summary.already_archived, _parts(unchanged=summary.unchanged)),
+        Outcome.FAILED: (
+            summary.failed,
+            _parts(expired=counts[Outcome.EXPIRED], invalid=counts[Outcome.INVALID]),
+        ),
+    }
+    shown = []
+    for outcome in Outcome:
+        if outcome in (Outcome.EXPIRED, Outcome.INVALID):
+            continue  # shown inside "failed", as the JSON counts them
+        number, parts = totals.get(outcome, (counts[outcome], ""))
+        if number:
+            shown.append(f"{number} {outcome.value.replace('_', ' ')}{parts}")
     files = (
         f"{_count(summary.files_downloaded, 'file')}, {_size(summary.bytes_downloaded)} downloaded"
     )
-    bad = sum(summary.counts[o] for o in BAD_OUTCOMES)
-    verdict = "interrupted" if summary.interrupted else "with problems" if bad else "ok"
+    verdict = "interrupted" if summary.interrupted else "with problems" if summary.failed else "ok"
     requests = _count(summary.requests, "request")
     return f"{', '.join(shown) or 'no tasks'}; {files}; {requests}; {verdict}"
+
+
+def _parts(**parts: int) -> str:
+    """`` (2 expired, 1 invalid)``: the named parts of a total that are not zero."""
+    named = [f"{n} {name}" for name, n in parts.items() if n]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _count(number: int, noun: str) -> str:

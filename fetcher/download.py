@@ -1,8 +1,8 @@
 """Downloading one output file into a work file, verified, with resume after a drop.
 
 The file hosts are a different origin from the API, so this module owns a
-separate connection pool that never holds the API key; a ``FileUrl`` pointing
-back at the API's own origin is refused outright. Bytes stream to disk through
+separate session that never holds the API key; a ``FileUrl``, or a redirect,
+pointing back at the API's own origin is refused outright. Bytes stream to disk through
 a bounded buffer (memory does not grow with file size) and are hashed on the
 way; a dropped connection resumes from the bytes on disk with ``Range`` and
 ``If-Range`` where the host allows it. Nothing here decides where a file ends
@@ -22,17 +22,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
+
+from aiohttp import ClientResponse
 
 from .api import USER_AGENT
-from .errors import DownloadError, FileExpired, FileGone, IntegrityError
-from .httpclient import HttpClient, HttpError, RedirectError, Response, TimedOut
+from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import BLOCK, ShortWorkFile, WorkSink
+from .transport import Session
 from .url import InvalidUrl, Url
 
 MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 GONE_STATUSES = frozenset({403, 404, 410})
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
 #: Called with each chunk's length, so the edge can draw a bytes bar.
@@ -160,14 +163,13 @@ class Downloader:
         self._connections = connections
         self._on_bytes = on_bytes
         self._proxies = dict(proxies)
-        self._client: HttpClient | None = None
+        self._client: Session | None = None
 
     async def __aenter__(self) -> Self:
-        self._client = HttpClient(
+        self._client = Session(
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             timeout=self._timeout,
             connections=self._connections,
-            max_redirects=MAX_REDIRECTS,
             proxies=self._proxies,
         )
         return self
@@ -237,23 +239,47 @@ class Downloader:
         if have and work.validator:
             headers = {"Range": f"bytes={have}-", "If-Range": work.validator}
         try:
-            async with self._client.stream(url, headers=headers) as response:
-                return await self._receive(task_id, remote, work, response, have)
-        except RedirectError as exc:
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._client.get(url, headers) as response:
+                    location = (
+                        response.headers.get("Location")
+                        if response.status in REDIRECT_STATUSES
+                        else None
+                    )
+                    if location is None:
+                        return await self._receive(task_id, remote, work, response, have)
+                url = self._redirected(task_id, remote, url, location)
+        except HttpError as exc:
+            if exc.retryable:
+                raise _Retry(str(exc)) from exc
             raise DownloadError(
                 f"file {remote.index}: {exc}", task_id=task_id, url=remote.url
             ) from exc
-        except TimedOut as exc:
-            raise _Retry(str(exc)) from exc
-        except HttpError as exc:
-            raise _Retry(one_line(str(exc))) from exc
+        raise DownloadError(
+            f"file {remote.index}: too many redirects (more than {MAX_REDIRECTS})",
+            task_id=task_id,
+            url=remote.url,
+        )
+
+    def _redirected(self, task_id: str, remote: RemoteFile, url: Url, location: str) -> Url:
+        """The next hop, checked as the first was: http(s) only, never the API's origin."""
+        try:
+            following = Url.parse(urljoin(url.text, location))
+        except InvalidUrl:
+            following = None
+        if following is None or following.origin == self._api_origin:
+            where = "an unsupported URL" if following is None else "the API's origin"
+            raise DownloadError(
+                f"file {remote.index}: redirected to {where}", task_id=task_id, url=remote.url
+            )
+        return following
 
     async def _receive(
         self,
         task_id: str,
         remote: RemoteFile,
         work: _WorkFile,
-        response: Response,
+        response: ClientResponse,
         have: int,
     ) -> Downloaded:
         status = response.status
@@ -266,7 +292,7 @@ class Downloader:
                 url=remote.url,
             )
         if status in RETRY_STATUSES:
-            raise _Retry(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
+            raise _Retry(f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After")))
         if status == 416:
             raise _Retry("HTTP 416 for a resumed range", restart=True)
         if status not in (200, 206):
@@ -277,21 +303,24 @@ class Downloader:
             )
         start = _resume_offset(response, have) if status == 206 else 0
         total = _expected_total(response, start)
-        if total is not None and total > self._max_size:
-            raise DownloadError(
-                f"file {remote.index}: {total} bytes is over the {self._max_size}-byte limit",
-                task_id=task_id,
-            )
+        self._check_promised(task_id, remote, total)
         content_type = _content_type(response)
         if content_type == "text/html" and remote.file_type not in ("text", "html"):
             raise _Retry("file host sent an HTML page instead of the file", restart=True)
-        work.begin(_validator(response.headers), start, have)
+        # A range of an encoded body is no range of the file: such a body is not resumed.
+        work.begin(_validator(response) if _identity(response) else None, start, have)
         sink = await self._stream_to(work, response, start, remote)
         size = sink.size
         if total is not None and size != total:
             raise _Retry(f"body ended after {size} of {total} bytes")
         if size == 0:
             raise _Retry("file host sent an empty body", restart=True)
+        if remote.size is not None and size != remote.size:
+            # The host called a shorter body whole: asking for the rest gets nothing.
+            raise _Retry(
+                f"body ended after {size} of the {remote.size} bytes of its MetaData.Size",
+                restart=total is not None,
+            )
         if remote.md5 is not None and sink.md5 != remote.md5:
             raise _Retry("MD5 does not match the API's MetaData.Md5", restart=True)
         return Downloaded(
@@ -302,20 +331,42 @@ class Downloader:
             extension=extension_for(remote.url, content_type),
         )
 
+    def _check_promised(self, task_id: str, remote: RemoteFile, total: int | None) -> None:
+        """Refuse, before any byte, a file that could only end over its size or the cap."""
+        if total is not None and total > self._max_size:
+            raise DownloadError(
+                f"file {remote.index}: {total} bytes is over the {self._max_size}-byte limit",
+                task_id=task_id,
+            )
+        if remote.size is not None and remote.size > self._max_size:
+            raise DownloadError(
+                f"file {remote.index}: its MetaData.Size of {remote.size} bytes is over "
+                f"the {self._max_size}-byte limit",
+                task_id=task_id,
+            )
+        if total is not None and remote.size is not None and total > remote.size:
+            raise DownloadError(
+                f"file {remote.index}: the host announces {total} bytes, "
+                f"past its MetaData.Size of {remote.size}",
+                task_id=task_id,
+            )
+
     async def _stream_to(
-        self, work: _WorkFile, response: Response, start: int, remote: RemoteFile
+        self, work: _WorkFile, response: ClientResponse, start: int, remote: RemoteFile
     ) -> WorkSink:
-        chunks = response.iter_decoded(BLOCK)
+        # MetaData.Size is the file's size: a body running past it is refused at once,
+        # not read on to the general cap (16 GiB by default).
+        if remote.size is not None:
+            limit, past = remote.size, f"runs past its MetaData.Size of {remote.size} bytes"
+        else:
+            limit, past = self._max_size, f"passes the {self._max_size}-byte limit"
         try:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record
             ) as sink:
-                async for chunk in chunks:
-                    if sink.size + len(chunk) > self._max_size:
-                        raise DownloadError(
-                            f"file {remote.index}: body passes the {self._max_size}-byte limit",
-                            url=remote.url,
-                        )
+                async for chunk in response.content.iter_chunked(BLOCK):
+                    if sink.size + len(chunk) > limit:
+                        raise DownloadError(f"file {remote.index}: body {past}", url=remote.url)
                     await sink.write(chunk)
                     if self._on_bytes is not None:
                         self._on_bytes(len(chunk))
@@ -325,34 +376,35 @@ class Downloader:
         return sink
 
 
-def _validator(headers: dict[str, str]) -> str | None:
+def _validator(response: ClientResponse) -> str | None:
     """What ``If-Range`` may carry: a strong ETag, else Last-Modified (weak ETags may not)."""
-    etag: str | None = headers.get("etag")
+    etag = response.headers.get("ETag")
     if etag and not etag.startswith("W/"):
         return etag
-    modified: str | None = headers.get("last-modified")
-    return modified
+    return response.headers.get("Last-Modified")
 
 
-def _resume_offset(response: Response, have: int) -> int:
+def _identity(response: ClientResponse) -> bool:
+    return response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+
+
+def _resume_offset(response: ClientResponse, have: int) -> int:
     """Where a 206 body starts; anything but the bytes we have means start over."""
-    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("content-range", ""))
-    if match is None or int(match.group(1)) != have:
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+    if match is None or int(match.group(1)) != have or not _identity(response):
         raise _Retry("file host sent an unexpected range", restart=True)
     return have
 
 
-def _expected_total(response: Response, start: int) -> int | None:
-    if response.headers.get("content-encoding", "identity").lower() != "identity":
+def _expected_total(response: ClientResponse, start: int) -> int | None:
+    """The file's size by the Content-Length, when the body is the file's own bytes."""
+    if not _identity(response) or response.content_length is None:
         return None
-    length = response.headers.get("content-length")
-    if length is None or not length.isdigit():
-        return None
-    return start + int(length)
+    return start + response.content_length
 
 
-def _content_type(response: Response) -> str | None:
-    value = response.headers.get("content-type")
+def _content_type(response: ClientResponse) -> str | None:
+    value = response.headers.get("Content-Type")
     if not value:
         return None
     return value.split(";", 1)[0].strip().lower() or None

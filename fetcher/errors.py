@@ -20,8 +20,21 @@ that task's outcome, so the rest of the run goes on::
             ├── FileGone              the host dropped the file early; a fresh URL may help
             └── IntegrityError        the bytes do not match what was promised
 
-Lower-level exceptions (:mod:`fetcher.httpclient`'s, sqlite3, OSError) are translated where they are
-caught, with ``raise ... from exc``, so callers only ever list these.
+    HttpError                         one request's attempt failed on the way
+    ├── ConnectFailed                 no connection: refused, unknown host, proxy   (retried)
+    ├── TimedOut                      nothing moved for ``timeout`` seconds         (retried)
+    ├── ConnectionLost                dropped before the answer or the body ended   (retried)
+    ├── BadResponse                   not valid HTTP: contradictory framing, a head
+    │                                 over the limits                          (not retried)
+    └── UntrustedCertificate          the certificate does not verify          (not retried)
+
+:class:`HttpError` never leaves the API client or the downloader: they retry it
+or turn it into the task's :class:`QueryError` or :class:`DownloadError`. Its
+``retryable`` says whether another attempt can change the answer.
+
+Lower-level exceptions (aiohttp's, sqlite3, OSError) are translated where they are
+caught, with ``raise ... from exc``, so callers only ever list these; aiohttp's
+in one place, :func:`fetcher.transport.translate`.
 """
 
 from __future__ import annotations
@@ -114,3 +127,38 @@ class FileGone(DownloadError):
 
 class IntegrityError(DownloadError):
     """The downloaded bytes do not match the size or checksum promised for them."""
+
+
+class HttpError(Exception):
+    """One request's attempt failed on the way; its text is one line saying how."""
+
+    #: Whether another attempt may get through: the cause can pass (a drop, a timeout).
+    retryable = True
+
+
+class ConnectFailed(HttpError):
+    """No connection: refused, unknown host, a TLS handshake that failed, or the proxy said no."""
+
+
+class TimedOut(HttpError):
+    """Nothing moved for ``timeout`` seconds; ``phase`` is connect or read."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"timed out ({phase})")
+        self.phase = phase
+
+
+class ConnectionLost(HttpError):
+    """The connection closed before the answer, or before its body was whole."""
+
+
+class BadResponse(HttpError):
+    """The answer is not valid HTTP (two Content-Lengths, a head over the limits)."""
+
+    retryable = False
+
+
+class UntrustedCertificate(HttpError):
+    """The host's TLS certificate does not verify against the trusted CAs."""
+
+    retryable = False

@@ -2,6 +2,12 @@
 
 Tasks that were already archived are counted but not listed, so the summary of
 a cron run over a million-line list stays small.
+
+Two totals hold their parts, so a script can read one key for each question:
+``already_archived`` is every named task the archive held before the run, the
+``unchanged`` ones (in a list file's settled beginning, not read again) included;
+``failed`` is every named task or line the run could not archive, ``expired``
+and ``invalid`` included.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ class Outcome(enum.StrEnum):
     READY = "ready"
 
 
-#: Outcomes that make the run exit 1: something could not be archived.
+#: Outcomes that make the run exit 1: something could not be archived. Each counts
+#: in the summary's ``failed``.
 BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.EXPIRED, Outcome.INVALID})
 
 
@@ -72,12 +79,24 @@ class RunSummary:
             self.tasks.append(outcome)
 
     @property
+    def already_archived(self) -> int:
+        """Every named task the archive held before this run, read or not."""
+        return self.counts[Outcome.ALREADY_ARCHIVED] + self.unchanged
+
+    @property
+    def failed(self) -> int:
+        """Every named task or line this run could not archive, for whatever reason."""
+        return sum(self.counts[o] for o in BAD_OUTCOMES)
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_FAILED if any(self.counts[o] for o in BAD_OUTCOMES) else EXIT_OK
+        return EXIT_FAILED if self.failed else EXIT_OK
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {o.value: self.counts[o] for o in Outcome}
         data.update(
+            already_archived=self.already_archived,
+            failed=self.failed,
             unchanged=self.unchanged,
             files_downloaded=self.files_downloaded,
             bytes_downloaded=self.bytes_downloaded,

@@ -330,7 +330,9 @@ def test_connection_dropped_every_time_fails_with_a_reason(
     tid = task_id(7)
     _, key = file_task(replica, tid)
     other, other_data = companion(replica)
-    replica.fault(server, tid if server == "api" else key, *[fault] * (settings.retries + 1))
+    # aiohttp sends a GET once more on a new connection when one closes before any
+    # answer (RFC 9112 9.3.1): every request hangs up, two per attempt.
+    replica.fault(server, tid if server == "api" else key, *[fault] * 2 * (settings.retries + 1))
 
     summary = run(settings, tid, other)
 
@@ -434,7 +436,8 @@ def test_truncated_body_every_time_fails_and_nothing_is_visible(
 
     summary = run(settings, tid)
 
-    assert_not_archived(summary, archive_dir, tid, "connection closed with 990 body bytes unsent")
+    assert_not_archived(summary, archive_dir, tid, "body cut short")
+    assert "received 10 of 1000 bytes" in str(outcome_of(summary, tid).reason)
     assert archived_files(archive_dir) == {}
 
 
@@ -582,10 +585,10 @@ def test_redirect_to_a_local_file_is_refused(
             assert marker not in path.read_bytes(), path
 
 
-def test_file_host_redirect_to_the_api_carries_no_key(
+def test_file_host_redirect_to_the_api_is_refused(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """A file host redirecting to the API's origin gets the downloader there without the key."""
+    """A file host redirecting to the API's origin is refused: the downloader never goes there."""
     tid = task_id(19)
     _, key = file_task(replica, tid)
     bounce = replica.api_url + QUERY_PREFIX + tid
@@ -593,12 +596,11 @@ def test_file_host_redirect_to_the_api_carries_no_key(
 
     summary = run(settings, tid)
 
-    assert_not_archived(summary, archive_dir, tid, "HTTP 401")
+    assert_not_archived(summary, archive_dir, tid, "redirected to the API's origin")
+    assert len(file_requests(replica, key)) == 1  # refused, not retried
     api = replica.seen("api")
-    assert len(api) == 2
+    assert len(api) == 1
     assert api[0].headers.get("Authorization") == f"Bearer {replica.api_key}"
-    assert "authorization" not in {h.lower() for h in api[1].headers}
-    assert all(replica.api_key not in v for v in api[1].headers.values())
 
 
 @pytest.mark.parametrize("status", [302, 307])

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fetcher.archive import Archive
 from fetcher.config import SETTING_NAMES, Settings, load_settings
+from fetcher.console import summary_line
 from fetcher.download import extension_for
 from fetcher.errors import (
     ArchiveError,
@@ -43,6 +44,7 @@ from fetcher.layout import DEFAULT_LAYOUT, MAX_SEGMENT_BYTES, Layout, LayoutFiel
 from fetcher.models import ApiErrorCode, Task, TaskState, parse_task, parse_time
 from fetcher.retry import RetryPolicy, parse_retry_after
 from fetcher.state import StateDB
+from fetcher.summary import Outcome, RunSummary, TaskOutcome
 
 TID = "1392336703-AigcImageTask-47965947a83db42af4b1e3a74c243531t"
 HASHED_SEGMENT = re.compile(r"~[0-9a-f]{16}$")
@@ -1626,3 +1628,23 @@ def test_state_db_files_are_inside_meta_dir(tmp_path: Path) -> None:
     for path in (archive.db_path, archive.lock_path, archive.work_dir):
         assert path.relative_to(archive.root).parts[0] == ".fetcher"
     assert archive.root.is_absolute()
+
+
+def test_summary_totals_hold_their_parts() -> None:
+    """``failed`` counts expired and invalid too; ``already_archived`` counts unchanged too."""
+    summary = RunSummary()
+    for n, outcome in enumerate(
+        [Outcome.FAILED, Outcome.EXPIRED, Outcome.EXPIRED, Outcome.INVALID, Outcome.ARCHIVED]
+        + [Outcome.ALREADY_ARCHIVED] * 2
+    ):
+        summary.add(TaskOutcome(f"t{n}", outcome))
+    summary.unchanged = 5
+
+    data = summary.to_json()
+
+    assert (data["failed"], data["expired"], data["invalid"]) == (4, 2, 1)
+    assert (data["already_archived"], data["unchanged"]) == (7, 5)
+    assert (data["archived"], data["exit_code"]) == (1, 1)
+    line = summary_line(summary)
+    assert "7 already archived (5 unchanged)" in line
+    assert "4 failed (2 expired, 1 invalid)" in line
