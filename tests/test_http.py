@@ -642,6 +642,46 @@ def test_https_file_goes_through_a_connect_tunnel(
 
 
 @pytest.mark.parametrize(
+    ("userinfo", "authorization"),
+    [
+        pytest.param("user:p%40ss@", basic("user", "p@ss"), id="with-credentials"),
+        pytest.param("", None, id="without-credentials"),
+    ],
+)
+def test_api_key_stays_inside_the_tunnel_to_an_https_api(
+    replica: Replica,
+    settings: Settings,
+    archive_dir: Path,
+    servers: LoopThread,
+    trusted_ca: trustme.CA,
+    userinfo: str,
+    authorization: str | None,
+) -> None:
+    """Querying an https API via a proxy, the key goes only inside TLS, never in the CONNECT."""
+    tid = task_id(23)
+    data = image(23)
+    url = replica.add_file(f"{tid}/x.png", data)
+    document = json.dumps(task_response(tid, files=[file_info(url)])).encode()
+    tls = server_tls(trusted_ca, *LOOPBACK_NAMES)
+    with (
+        servers.serving(Scripted(ok(document, "Content-Type: application/json"), tls=tls)) as api,
+        servers.serving(Proxy()) as proxy,
+    ):
+        proxies = (("https", proxy.proxy_url(userinfo)),)
+        summary = run(tweak(settings, base_url=api.origin, proxies=proxies), tid)
+
+    assert_archived(summary, archive_dir, tid, data)
+    (connect,) = proxy.requests
+    assert connect.line == f"CONNECT 127.0.0.1:{api.port} HTTP/1.1"
+    assert connect.headers.get("proxy-authorization") == authorization
+    assert "authorization" not in connect.headers
+    assert replica.api_key.encode() not in connect.raw
+    (query,) = api.requests
+    assert query.headers.get("authorization") == f"Bearer {replica.api_key}"
+    assert "proxy-authorization" not in query.headers
+
+
+@pytest.mark.parametrize(
     ("host", "no_proxy", "bypassed"),
     [
         pytest.param("127.0.0.1", "127.0.0.1", True, id="exact-ip"),
