@@ -46,7 +46,8 @@ READ_BUFFER = 1024 * 1024
 class Session:
     """GETs to one kind of peer: ``async with Session(...) as s: async with s.get(url) as r``.
 
-    ``headers`` go with every request. ``connections`` bounds the connections to
+    ``headers`` go with every request to its origin, and to nothing else: not to a
+    proxy, not to a CONNECT. ``connections`` bounds the connections to
     each origin. ``proxies`` maps ``http``/``https``/``all`` to an ``http://`` proxy
     URL and ``no`` to the hosts that bypass it (:func:`fetcher.config.load_settings`
     reads them from the environment). ``decompress`` undoes a gzip or deflate
@@ -102,7 +103,7 @@ class Session:
         try:
             async with session.get(
                 URL(f"{url.scheme}://{url.authority}{url.target}", encoded=True),
-                headers=headers,
+                headers={**self._headers, **headers} if headers else self._headers,
                 allow_redirects=False,
                 proxy=proxy,
                 ssl=self._tls_context() if url.scheme == "https" else True,
@@ -113,9 +114,11 @@ class Session:
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._connections)
+        # The headers go with each request, never as the session's defaults: aiohttp
+        # sends those to a proxy too, and turns an Authorization among them into the
+        # proxy's, so the API key would reach the proxy (in clear, in a CONNECT).
         self._session = aiohttp.ClientSession(
             connector=connector,
-            headers=self._headers,
             # No total: a large file may take hours. Each phase must make progress.
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self._timeout, sock_read=self._timeout

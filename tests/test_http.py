@@ -560,8 +560,9 @@ def test_redirect_off_http_or_to_the_api_is_refused(
             summary = run(settings, tid, other)
 
     assert_failed(summary, archive_dir, tid)
-    # One request per attempt, each the file's own: the redirect is never followed.
-    assert len(here.requests) in (1, attempts)
+    # Refused outright, not retried: one request, the file's own; the redirect not followed.
+    assert "redirected to" in str(outcome_of(summary, tid).reason)
+    assert len(here.requests) == 1
     assert {r.line for r in here.requests} == {"GET /x.png HTTP/1.1"}
     assert trap.connections == 0
     queries = sorted(r.path for r in replica.seen("api"))
