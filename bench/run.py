@@ -392,21 +392,35 @@ def free_port() -> int:
         return port
 
 
-def start_nginx(bench: Bench) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A running nginx and the two origins it serves."""
+
+    proc: subprocess.Popen[bytes]
+    api_url: str
+    files_url: str
+
+
+def serve(nginx: str, out: Path, api: Path, files: Path) -> Server:
+    """Start nginx with :data:`NGINX_CONF` on two free loopback ports; logs and config in ``out``.
+
+    Apart from :class:`Bench` so that the other scripts in ``bench/`` serve their
+    files the same way.
+    """
     api_port, files_port = free_port(), free_port()
     while files_port == api_port:
         files_port = free_port()
-    tmp = bench.out / "nginx-tmp"
+    tmp = out / "nginx-tmp"
     tmp.mkdir(exist_ok=True)
     for log in ("access-api.log", "access-files.log", "nginx-error.log"):
-        (bench.out / log).write_bytes(b"")
-    conf = bench.out / "nginx.conf"
+        (out / log).write_bytes(b"")
+    conf = out / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
-            out=bench.out,
+            out=out,
             tmp=tmp,
-            api=bench.api_dir,
-            files=bench.files_dir,
+            api=api,
+            files=files,
             api_port=api_port,
             files_port=files_port,
             key=API_KEY,
@@ -414,19 +428,23 @@ def start_nginx(bench: Bench) -> subprocess.Popen[bytes]:
         ),
         encoding="utf-8",
     )
-    argv = [bench.tools.nginx, "-p", f"{bench.out}/", "-e", str(bench.out / "nginx-error.log")]
+    argv = [nginx, "-p", f"{out}/", "-e", str(out / "nginx-error.log")]
     argv += ["-c", str(conf), "-g", "daemon off;"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)  # noqa: S603
     deadline = time.monotonic() + 10
     while not all(_listening(p) for p in (api_port, files_port)):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_nginx(proc)
-            log = (bench.out / "nginx-error.log").read_text(encoding="utf-8", errors="replace")
+            log = (out / "nginx-error.log").read_text(encoding="utf-8", errors="replace")
             raise SystemExit(f"bench: nginx did not start (see {conf}):\n{log[-2000:]}")
         time.sleep(0.05)
-    bench.api_url = f"http://127.0.0.1:{api_port}"
-    bench.files_url = f"http://127.0.0.1:{files_port}"
-    return proc
+    return Server(proc, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{files_port}")
+
+
+def start_nginx(bench: Bench) -> subprocess.Popen[bytes]:
+    server = serve(bench.tools.nginx, bench.out, bench.api_dir, bench.files_dir)
+    bench.api_url, bench.files_url = server.api_url, server.files_url
+    return server.proc
 
 
 def _listening(port: int) -> bool:
@@ -841,7 +859,8 @@ def child_env(work: Path) -> dict[str, str]:
 # -- report -----------------------------------------------------------------------------
 
 
-def machine(tools: Tools) -> dict[str, str]:
+def host() -> dict[str, str]:
+    """CPU, cores, memory, kernel and Python: the lines every report in ``bench/`` starts with."""
     meminfo = Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
     total_kib = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")), 0)
     cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
@@ -852,6 +871,12 @@ def machine(tools: Tools) -> dict[str, str]:
         "memory": f"{total_kib / 1024**2:.1f} GiB",
         "kernel": platform.release(),
         "Python": platform.python_version(),
+    }
+
+
+def machine(tools: Tools) -> dict[str, str]:
+    return {
+        **host(),
         "fetcher commit": fetcher_commit(),
         "nginx": tool_version([tools.nginx, "-v"], stderr=True).removeprefix("nginx version: "),
         "curl": tool_version([tools.curl, "--version"]),
