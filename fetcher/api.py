@@ -5,8 +5,11 @@ never followed, so it cannot be carried to another host. Answers are asked for
 gzip: a DescribeTaskDetail body is JSON that compresses several times over. Transient trouble
 (throttling, 5xx, dropped connections, Tencent's ``RequestLimitExceeded``) is
 retried under the shared :class:`~fetcher.retry.RetryPolicy`; a rejected key
-raises :class:`~fetcher.errors.AuthError` at once, since every later query would
-fail the same way.
+(HTTP 401, ``AuthFailure.*``) raises :class:`~fetcher.errors.AuthError` at once,
+since every later query would fail the same way. A 403 or ``UnauthorizedOperation``
+is one task's :class:`~fetcher.errors.Forbidden`, unless the run's first queries all
+get it (:mod:`fetcher.probe`, which also tells a wrong base URL from one task's
+trouble).
 """
 
 from __future__ import annotations
@@ -17,8 +20,20 @@ from typing import Self
 from urllib.parse import quote
 
 from . import __version__
-from .errors import AuthError, HttpError, QueryError, ResponseError, TaskNotFound
+from .errors import (
+    AuthError,
+    ConnectFailed,
+    Forbidden,
+    HttpError,
+    NoQueryPath,
+    QueryError,
+    ResponseError,
+    TaskNotFound,
+    Unreachable,
+    UntrustedCertificate,
+)
 from .models import ApiErrorCode, Task, load_json, one_line, parse_task
+from .probe import Blame, FirstQueries
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
 from .transport import Session
 from .url import Url
@@ -32,10 +47,14 @@ USER_AGENT = f"fetcher/{__version__}"
 class _Transient(Exception):
     """Internal: this attempt failed in a way worth retrying."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, blame: Blame | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        #: What this failure blames, were every first query of the run to get it.
+        self.blame = blame
 
 
 class ApiClient:
@@ -65,6 +84,8 @@ class ApiClient:
         self._client: Session | None = None
         #: Queries actually sent, retries included: what "zero requests" is measured by.
         self.requests_sent = 0
+        #: Judges the run's first answers: the key's or the base URL's fault, or the task's.
+        self.first = FirstQueries(concurrency, _redacted(self.base_url, api_key))
 
     async def __aenter__(self) -> Self:
         self._client = Session(
@@ -90,23 +111,42 @@ class ApiClient:
             self._client = None
 
     async def query(self, task_id: str) -> Task:
-        """The task as the API describes it now; raises TaskError subclasses or AuthError."""
+        """The task as the API describes it now; raises TaskError subclasses, or AuthError
+        and GatewayError when the key or the base URL is at fault."""
         attempt = 0
+        counted = False
         while True:
             attempt += 1
             try:
-                return await self._attempt(task_id)
+                task = await self._attempt(task_id)
+            except (Forbidden, NoQueryPath, Unreachable) as exc:
+                if not counted:
+                    self.first.blame(_BLAMES[type(exc)], str(exc))
+                raise
+            except (TaskNotFound, ApiErrorCode):
+                self.first.answered()  # a Tencent answer: the key and the URL work
+                raise
             except _Transient as exc:
+                if exc.blame is not None and not counted:
+                    counted = True
+                    self.first.blame(exc.blame, exc.reason)
                 if attempt > self._policy.retries:
                     raise QueryError(
                         f"query failed after {attempts(attempt)}: {exc.reason}", task_id=task_id
                     ) from None
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
+            else:
+                self.first.answered()
+                return task
 
     async def _attempt(self, task_id: str) -> Task:
         status, retry_after, body = await self._get(task_id)
-        if status in (401, 403):
+        if status == 401:
             raise AuthError(f"the API rejected the key (HTTP {status}{self._detail(body)})")
+        if status == 403:
+            raise Forbidden(
+                f"the API refused this task (HTTP 403{self._detail(body)})", task_id=task_id
+            )
         if status in RETRY_STATUSES:
             raise _Transient(f"HTTP {status}", retry_after)
         if 300 <= status < 400:
@@ -122,7 +162,7 @@ class ApiClient:
                 raise
             except QueryError:
                 pass
-            raise QueryError(
+            raise NoQueryPath(
                 f"the API answered HTTP 404{self._detail(body)} (is the base URL right?)",
                 task_id=task_id,
             )
@@ -131,6 +171,10 @@ class ApiClient:
         try:
             return parse_task(task_id, body)
         except ApiErrorCode as exc:
+            if exc.code.startswith("UnauthorizedOperation"):
+                raise Forbidden(
+                    f"the API refused this task ({exc.code})", task_id=task_id
+                ) from None
             if exc.auth:
                 raise AuthError(f"the API rejected the key ({exc.code})") from None
             if exc.retryable:
@@ -154,10 +198,13 @@ class ApiClient:
                         )
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 return response.status, retry_after, bytes(body)
+        except UntrustedCertificate as exc:
+            raise Unreachable(f"query failed: {exc}", task_id=task_id) from exc
         except HttpError as exc:
             if not exc.retryable:
                 raise QueryError(f"query failed: {exc}", task_id=task_id) from exc
-            raise _Transient(str(exc)) from exc
+            blame = Blame.UNREACHABLE if isinstance(exc, ConnectFailed) else None
+            raise _Transient(str(exc), blame=blame) from exc
 
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""
@@ -169,3 +216,14 @@ class ApiClient:
         if not isinstance(message, str) or not one_line(message):
             return ""
         return ": " + one_line(message).replace(self._key, "***")[:200]
+
+
+_BLAMES: dict[type[QueryError], Blame] = {
+    Forbidden: Blame.FORBIDDEN,
+    NoQueryPath: Blame.NO_PATH,
+    Unreachable: Blame.UNREACHABLE,
+}
+
+
+def _redacted(text: str, key: str) -> str:
+    return text.replace(key, "***") if key else text

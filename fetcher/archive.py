@@ -17,7 +17,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -85,18 +85,35 @@ class Archive:
             yield
 
     @contextlib.asynccontextmanager
-    async def wait_lock(self, wait: float | None) -> AsyncIterator[None]:
+    async def wait_lock(
+        self,
+        wait: float | None,
+        stop: asyncio.Event | None = None,
+        waiting: Callable[[], None] | None = None,
+    ) -> AsyncIterator[bool]:
         """Like :meth:`lock`, trying for up to ``wait`` seconds (``math.inf``: until free).
 
-        The wait sleeps on the event loop, so a signal can still stop the run.
+        Yields True with the lock held, or False, holding nothing, when ``stop`` was
+        set while waiting (a signal): the wait ends at once, not at the next try.
+        ``waiting`` is called once, when the wait begins.
         """
         deadline = time.monotonic() + (wait or 0.0)
+        stop = stop or asyncio.Event()
         with self._lock_file() as fd:
             while not _try_lock(fd):
                 if time.monotonic() >= deadline:
                     raise self._locked(f" (waited {wait:g} s)" if wait else "")
-                await asyncio.sleep(LOCK_POLL)
-            yield
+                if stop.is_set():
+                    break
+                if waiting is not None:
+                    waiting()
+                    waiting = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), LOCK_POLL)
+            else:
+                yield True
+                return
+            yield False
 
     @contextlib.contextmanager
     def _lock_file(self) -> Iterator[int]:

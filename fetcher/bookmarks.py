@@ -8,7 +8,9 @@ The next run checks that the file still starts with those very bytes (their
 SHA-256) and reads on from there; a list that was edited, not just appended to,
 is read whole again. A task still pending, or failed in a way worth retrying,
 stops the settled beginning just before the chunk of lines it is in, so it is
-asked about again next time.
+asked about again next time: before *every* chunk it is in, in every list file,
+however it was first read (standard input, ``--id``, another file, an earlier
+line). A task is asked about once a run, but each of its lines waits for it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class BookmarkTracker:
     def __init__(self) -> None:
         self._marks: dict[str, list[Mark]] = {}
         self._position: tuple[str, int] = ("", 0)
-        #: Task ID -> (list file, marks seen in it before the task's line).
-        self._open: dict[str, tuple[str, int]] = {}
+        #: Task ID -> {list file: marks seen in it before the task's first line there},
+        #: for every task asked about and not settled yet, whatever its source.
+        self._open: dict[str, dict[str, int]] = {}
 
     def mark(self, mark: Mark) -> None:
         """Lines up to ``mark`` have been read (a mark of :data:`NO_FILE`: left the files)."""
@@ -42,10 +45,19 @@ class BookmarkTracker:
         """Where the line being read sits: pass it to :meth:`waiting` for its task."""
         return self._position
 
-    def waiting(self, task_id: str, position: tuple[str, int]) -> None:
-        """The task from the line at ``position`` is not settled yet."""
-        if position[0]:
-            self._open.setdefault(task_id, position)
+    def waiting(self, task_id: str) -> None:
+        """The task is being asked about: its lines hold back until it is settled."""
+        self._open.setdefault(task_id, {})
+
+    def sighted(self, task_id: str, position: tuple[str, int]) -> None:
+        """The task was read from the line at ``position``; held back while it is open.
+
+        A task already settled (or never asked about: archived before) holds nothing.
+        """
+        source, index = position
+        lines = self._open.get(task_id)
+        if lines is not None and source:
+            lines[source] = min(lines.get(source, index), index)
 
     def settled(self, task_id: str) -> None:
         """The task's answer will not change: its line need not be read again."""
@@ -54,8 +66,9 @@ class BookmarkTracker:
     def reached(self) -> dict[str, Mark]:
         """Per list file, the last mark before which every task was settled."""
         blocked: dict[str, int] = {}
-        for source, index in self._open.values():
-            blocked[source] = min(blocked.get(source, index), index)
+        for lines in self._open.values():
+            for source, index in lines.items():
+                blocked[source] = min(blocked.get(source, index), index)
         reached: dict[str, Mark] = {}
         for source, marks in self._marks.items():
             usable = marks[: blocked[source]] if source in blocked else marks

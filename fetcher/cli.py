@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -27,7 +28,14 @@ if TYPE_CHECKING:
     from .pipeline import FetchOptions
     from .progress import Progress
     from .summary import RunSummary
-from .errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    FetcherError,
+    InternalError,
+    UsageError,
+)
 
 _SETTING_FLAGS = (
     "archive",
@@ -87,13 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dry-run", action="store_true", help="query and report; download nothing")
     fetch.add_argument(
         "--wait-lock",
-        type=float,
         nargs="?",
-        const=math.inf,
+        const="inf",
         metavar="SECONDS",
-        help="wait for another run's lock (for SECONDS, or until free) instead of exiting 75",
+        help="wait for another run's lock (for SECONDS, or until free) instead of exiting 75; "
+        "a word that is not a number after it is a FILE",
     )
     fetch.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    fetch.add_argument(
+        "--json-lines",
+        action="store_true",
+        help="print each task's outcome as a line of JSON as it happens, then the summary",
+    )
     _setting_flags(fetch)
     _output_flags(fetch)
 
@@ -167,12 +180,12 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
+    args = argparse.Namespace()
     try:
         args = parser.parse_args(argv)
         return _COMMANDS[args.command](args)
     except FetcherError as exc:
-        print(f"fetcher: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc, verbose=getattr(args, "verbose", False))
     except KeyboardInterrupt:
         print("fetcher: interrupted", file=sys.stderr)
         return EXIT_SIGINT
@@ -184,6 +197,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         print("fetcher: error: output closed early (broken pipe)", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:  # a bug: one line, exit 70, traceback at -v
+        return _report(_internal(exc), verbose=getattr(args, "verbose", False))
+
+
+def _report(exc: FetcherError, *, verbose: bool) -> int:
+    """The one line a fatal error gets on stderr; a bug's traceback too, at ``-v``."""
+    print(f"fetcher: error: {exc}", file=sys.stderr)
+    if isinstance(exc, InternalError):
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        if verbose:
+            traceback.print_exception(cause, file=sys.stderr)
+        else:
+            print("fetcher: this is a bug; -v shows its traceback", file=sys.stderr)
+    return exc.exit_code
+
+
+def _internal(exc: BaseException) -> InternalError:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    error = InternalError(f"internal error: {type(exc).__name__}{': ' + text if text else ''}")
+    error.__cause__ = exc
+    return error
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -206,10 +240,64 @@ def _progress(args: argparse.Namespace) -> Any:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    """``fetch``; with ``--json``/``--json-lines``, the summary object even when a fatal
+    error stops the run (its ``error`` says which), before the error's line on stderr."""
+    from .summary import RunSummary
+
+    summary = RunSummary()
+    try:
+        return _fetch_into(args, summary)
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        error = exc if isinstance(exc, FetcherError) else _internal(exc)
+        if args.json or args.json_lines:
+            _print_summary(args, summary, error.exit_code, error)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _print_summary(
+    args: argparse.Namespace, summary: RunSummary, code: int, error: FetcherError | None
+) -> None:
+    from .jsonlines import compact
+
+    document = {
+        **summary.to_json(),
+        "exit_code": code,
+        "error": None if error is None else {"code": error.code, "message": str(error)},
+    }
+    print(compact(document) if args.json_lines else json.dumps(document, indent=2), flush=True)
+
+
+def _wait_lock(args: argparse.Namespace) -> float | None:
+    """``--wait-lock``'s seconds; a word after it that is not a number is a FILE, as meant.
+
+    ``fetch --wait-lock ids.txt`` waits until the lock is free and reads ``ids.txt``.
+    """
+    value: str | None = args.wait_lock
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        args.files.insert(0, value)
+        return math.inf
+    if not seconds >= 0:
+        raise UsageError("--wait-lock needs a number of seconds, 0 or more")
+    return seconds
+
+
+def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     from .console import summary_line
     from .ids import IdSource
+    from .jsonlines import JsonLinesProgress
     from .pipeline import FetchOptions
 
+    if args.json and args.json_lines:
+        raise UsageError("--json and --json-lines are two ways to say one thing: pick one")
+    wait_lock = _wait_lock(args)
     settings = _settings(args)
     settings.require_api()
     if not (args.files or args.ids or args.pending):
@@ -222,27 +310,30 @@ def _fetch(args: argparse.Namespace) -> int:
     ]
     if args.ids:
         sources.append(IdSource.from_values("--id", args.ids))
-    if args.wait_lock is not None and not args.wait_lock >= 0:
-        raise UsageError("--wait-lock needs a number of seconds, 0 or more")
     options = FetchOptions(
         dry_run=args.dry_run,
         pending=args.pending,
         retry_failed=args.retry_failed,
-        wait_lock=args.wait_lock,
+        wait_lock=wait_lock,
     )
-    with _progress(args) as progress:
-        summary, signum = asyncio.run(_fetch_until_signal(settings, sources, options, progress))
+    with _progress(args) as shown:
+        progress = JsonLinesProgress(shown, sys.stdout) if args.json_lines else shown
+        signum = asyncio.run(_fetch_until_signal(settings, sources, options, progress, summary))
     code = summary.exit_code if signum is None else 128 + signum
-    if args.json:
-        print(json.dumps({**summary.to_json(), "exit_code": code}, indent=2))
+    if args.json or args.json_lines:
+        _print_summary(args, summary, code, None)
     elif not args.quiet or signum is not None:
         print(summary_line(summary))
     return code
 
 
 async def _fetch_until_signal(
-    settings: Settings, sources: list[IdSource], options: FetchOptions, progress: Progress
-) -> tuple[RunSummary, int | None]:
+    settings: Settings,
+    sources: list[IdSource],
+    options: FetchOptions,
+    progress: Progress,
+    summary: RunSummary,
+) -> int | None:
     """Run the fetch; the first SIGINT/SIGTERM winds it down, a second one kills.
 
     Winding down keeps in-flight downloads for the next run and still reports.
@@ -265,11 +356,11 @@ async def _fetch_until_signal(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        summary = await fetch(settings, sources, options, progress, stop=stop)
+        await fetch(settings, sources, options, progress, stop=stop, summary=summary)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    return summary, (received[0] if received else None)
+    return received[0] if received else None
 
 
 def _own_stdin() -> BinaryIO:

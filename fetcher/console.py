@@ -170,6 +170,8 @@ def summary_line(summary: RunSummary) -> str:
     )
     verdict = "interrupted" if summary.interrupted else "with problems" if summary.failed else "ok"
     requests = _count(summary.requests, "request")
+    if summary.archive:
+        files += f" to {summary.archive}"
     return f"{', '.join(shown) or 'no tasks'}; {files}; {requests}; {verdict}"
 
 

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -28,7 +29,7 @@ from aiohttp import ClientResponse
 
 from .api import USER_AGENT
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
-from .models import RemoteFile, one_line
+from .models import RemoteFile, format_time, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import BLOCK, ShortWorkFile, WorkSink
 from .transport import Session
@@ -38,6 +39,11 @@ MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 GONE_STATUSES = frozenset({403, 404, 410})
 _URL_EXTENSION = re.compile(r"\.([A-Za-z0-9]{1,5})$")
+#: A strong entity tag as RFC 9110 section 8.8.3 draws it, ASCII only: what ``If-Range``
+#: may carry back. Anything else (a NUL or other control character, a byte over 0x7E)
+#: is dropped when received, so it is never sent, nor stored for a later run.
+_STRONG_ETAG = re.compile(r'"[\x21\x23-\x7e]*"')
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
 #: Called with each chunk's length, so the edge can draw a bytes bar.
 BytesCallback = Callable[[int], None]
 _PREFERRED_EXTENSIONS = {".jpe": ".jpg", ".jpeg": ".jpg", ".mpga": ".mp3", ".qt": ".mov"}
@@ -97,8 +103,9 @@ class _WorkFile:
             return work
         work.recorded = True
         if isinstance(data, dict) and data.get("url") == url:
-            validator = data.get("validator")
-            work.validator = validator if isinstance(validator, str) else None
+            # Checked again: a record written before validators were checked may hold
+            # one the client refuses to send; without it the bytes are fetched anew.
+            work.validator = checked_validator(data.get("validator"))
         return work
 
     def size(self) -> int:
@@ -214,6 +221,11 @@ class Downloader:
                         url=remote.url,
                     ) from None
                 await asyncio.sleep(self._policy.delay(attempt, exc.retry_after))
+            except Exception:
+                # Not one of ours (a bug, a library's surprise, an OS error): the bytes
+                # and their record cannot be trusted, so no later run resumes from them.
+                work.discard()
+                raise
             else:
                 work.finish()
                 return done
@@ -284,9 +296,17 @@ class Downloader:
     ) -> Downloaded:
         status = response.status
         if status in GONE_STATUSES:
-            expired = remote.expire_time is not None and remote.expire_time <= datetime.now(UTC)
-            kind = FileExpired if expired else FileGone
-            raise kind(
+            # The host's word, read against ExpireTime: refused after it, the file has
+            # expired; refused before it, the task may have a fresh URL.
+            now = datetime.now(UTC)
+            if remote.expire_time is not None and remote.expire_time <= now:
+                raise FileExpired(
+                    f"file {remote.index}: expired at {format_time(remote.expire_time)}: "
+                    f"file host answered HTTP {status} (seen {format_time(now)})",
+                    task_id=task_id,
+                    url=remote.url,
+                )
+            raise FileGone(
                 f"file {remote.index}: file host answered HTTP {status}",
                 task_id=task_id,
                 url=remote.url,
@@ -345,28 +365,26 @@ class Downloader:
                 task_id=task_id,
             )
         if total is not None and remote.size is not None and total > remote.size:
-            raise DownloadError(
-                f"file {remote.index}: the host announces {total} bytes, "
-                f"past its MetaData.Size of {remote.size}",
-                task_id=task_id,
+            # Not the file the API describes, perhaps not yet: retried from scratch.
+            raise _Retry(
+                f"the host announces {total} bytes, past its MetaData.Size of {remote.size}",
+                restart=True,
             )
 
     async def _stream_to(
         self, work: _WorkFile, response: ClientResponse, start: int, remote: RemoteFile
     ) -> WorkSink:
-        # MetaData.Size is the file's size: a body running past it is refused at once,
-        # not read on to the general cap (16 GiB by default).
-        if remote.size is not None:
-            limit, past = remote.size, f"runs past its MetaData.Size of {remote.size} bytes"
-        else:
-            limit, past = self._max_size, f"passes the {self._max_size}-byte limit"
+        # MetaData.Size is the file's size: a body running past it is cut off at once,
+        # not read on to the general cap (16 GiB by default), and fetched again from
+        # scratch: an integrity failure, like a body that ends short of it.
+        limit = remote.size if remote.size is not None else self._max_size
         try:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record
             ) as sink:
                 async for chunk in response.content.iter_chunked(BLOCK):
                     if sink.size + len(chunk) > limit:
-                        raise DownloadError(f"file {remote.index}: body {past}", url=remote.url)
+                        raise self._overrun(remote)
                     await sink.write(chunk)
                     if self._on_bytes is not None:
                         self._on_bytes(len(chunk))
@@ -375,13 +393,41 @@ class Downloader:
             raise _Retry("work file shorter than its record says", restart=True) from None
         return sink
 
+    def _overrun(self, remote: RemoteFile) -> Exception:
+        if remote.size is not None:
+            return _Retry(f"body runs past its MetaData.Size of {remote.size} bytes", restart=True)
+        return DownloadError(
+            f"file {remote.index}: body passes the {self._max_size}-byte limit", url=remote.url
+        )
+
 
 def _validator(response: ClientResponse) -> str | None:
-    """What ``If-Range`` may carry: a strong ETag, else Last-Modified (weak ETags may not)."""
-    etag = response.headers.get("ETag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("Last-Modified")
+    """What ``If-Range`` may carry: a strong ETag, else Last-Modified (weak ETags may not).
+
+    Either is checked as it arrives and dropped when malformed: a file with neither
+    is still downloaded, only not resumed after a drop.
+    """
+    return checked_validator(response.headers.get("ETag"), date=False) or checked_validator(
+        response.headers.get("Last-Modified"), date=True
+    )
+
+
+def checked_validator(value: object, *, date: bool | None = None) -> str | None:
+    """``value`` if it is a well-formed strong ETag or HTTP date, else None.
+
+    ``date`` None accepts either (a stored record does not say which it holds).
+    """
+    if not isinstance(value, str):
+        return None
+    if date is not True and _STRONG_ETAG.fullmatch(value):
+        return value
+    if date is not False and _PRINTABLE.fullmatch(value):
+        try:
+            parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return value
+    return None
 
 
 def _identity(response: ClientResponse) -> bool:

@@ -7,16 +7,22 @@ that task's outcome, so the rest of the run goes on::
     FetcherError                      exit 1
     ├── UsageError                    exit 2   bad flag, setting or layout
     │   ├── ConfigError               exit 2   unreadable or invalid config file
-    │   └── InputError                exit 2   unreadable task-ID file
+    │   ├── InputError                exit 2   unreadable task-ID file
+    │   └── GatewayError              exit 2   the base URL reaches no gateway (first queries)
     ├── AuthError                     exit 2   the API rejected the key
     ├── LockedError                   exit 75  another run holds the archive
-    ├── ArchiveError                  exit 1   the archive cannot be written
+    ├── ArchiveError                  exit 3   the archive or its state cannot be written
+    ├── InternalError                 exit 70  a bug stopped the run
     └── TaskError                     (per task: recorded, run goes on)
         ├── QueryError                the API could not be queried
-        │   └── ResponseError         the API answered something unusable
+        │   ├── ResponseError         the API answered something unusable
+        │   ├── Forbidden             403 / UnauthorizedOperation for this task (not final)
+        │   ├── NoQueryPath           a bare 404 for the query path: likely a wrong base URL
+        │   └── Unreachable           the gateway could not be connected to
+        ├── TaskBug                   a bug while handling this task (traceback at -v)
         ├── TaskNotFound              the API does not know the task
         └── DownloadError             a file could not be downloaded
-            ├── FileExpired           the file's URL expired before download
+            ├── FileExpired           the host refused the file after its ExpireTime
             ├── FileGone              the host dropped the file early; a fresh URL may help
             └── IntegrityError        the bytes do not match what was promised
 
@@ -34,7 +40,12 @@ or turn it into the task's :class:`QueryError` or :class:`DownloadError`. Its
 
 Lower-level exceptions (aiohttp's, sqlite3, OSError) are translated where they are
 caught, with ``raise ... from exc``, so callers only ever list these; aiohttp's
-in one place, :func:`fetcher.transport.translate`.
+in one place, :func:`fetcher.transport.translate`. Anything else one task or
+file raises is a bug: the pipeline makes it that item's :class:`TaskBug` and goes
+on; a bug outside any one task is the run's :class:`InternalError`.
+
+Each run-level class has a ``code``, the stable word ``--json`` reports in
+``error.code``.
 """
 
 from __future__ import annotations
@@ -42,6 +53,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: The run stopped before settling its tasks: disk full, archive unwritable, state error.
+EXIT_STOPPED = 3
+#: A bug stopped the run (sysexits' EX_SOFTWARE).
+EXIT_BUG = 70
 EXIT_LOCKED = 75
 EXIT_SIGINT = 130
 
@@ -50,36 +65,61 @@ class FetcherError(Exception):
     """Base of every error fetcher raises on purpose."""
 
     exit_code = EXIT_FAILED
+    #: What ``--json`` says in ``error.code`` when this stops a run.
+    code = "failed"
 
 
 class UsageError(FetcherError):
     """A flag, setting or layout template is invalid."""
 
     exit_code = EXIT_USAGE
+    code = "usage"
 
 
 class ConfigError(UsageError):
     """The config file cannot be read or holds an invalid value."""
 
+    code = "config"
+
 
 class InputError(UsageError):
     """A task-ID file cannot be read."""
+
+    code = "input"
+
+
+class GatewayError(UsageError):
+    """The run's first queries all failed to connect, or all got a bare 404: the base URL."""
+
+    code = "gateway"
 
 
 class AuthError(FetcherError):
     """The API rejected the key; every further query would fail the same way."""
 
     exit_code = EXIT_USAGE
+    code = "auth"
 
 
 class LockedError(FetcherError):
     """Another run holds the archive's lock."""
 
     exit_code = EXIT_LOCKED
+    code = "locked"
 
 
 class ArchiveError(FetcherError):
     """The archive or its state database cannot be written (disk full, permissions)."""
+
+    exit_code = EXIT_STOPPED
+    code = "archive"
+
+
+class InternalError(FetcherError):
+    """A bug outside any one task stopped the run; its cause carries the traceback."""
+
+    exit_code = EXIT_BUG
+    code = "internal"
 
 
 class TaskError(FetcherError):
@@ -99,6 +139,22 @@ class QueryError(TaskError):
 
 class ResponseError(QueryError):
     """The API answered with a body fetcher cannot use."""
+
+
+class Forbidden(QueryError):
+    """HTTP 403 or ``UnauthorizedOperation`` for this task: this key may not see it (for now)."""
+
+
+class NoQueryPath(QueryError):
+    """A bare HTTP 404 (not Tencent's "no such task"): the query path itself is unknown."""
+
+
+class Unreachable(QueryError):
+    """The gateway could not be connected to (refused, unknown host, TLS)."""
+
+
+class TaskBug(TaskError):
+    """A bug while handling one task or file; that item fails, the run goes on."""
 
 
 class TaskNotFound(TaskError):

@@ -10,16 +10,24 @@ The order of a commit is the design: stream to a work file, verify, rename into
 place, record the file; when the task's last file is in place, write the
 sidecar, then mark the task archived. The archived row is the commit point;
 anything a crash interrupts before it is redone on the next run.
+
+Every failure belongs to its task or its file, except the run-level ones: bad
+settings, the key rejected, the lock, an archive or state database that cannot
+be written. Whatever else one task or file raises, a bug included, becomes that
+item's outcome with a reason (the traceback is logged at debug level, shown by
+``-v``), and the run goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import itertools
+import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from .api import ApiClient
@@ -27,11 +35,21 @@ from .archive import Archive, archive_error
 from .bookmarks import NO_FILE, BookmarkTracker
 from .config import Settings
 from .download import Downloaded, Downloader
-from .errors import FetcherError, FileExpired, FileGone, TaskError
+from .errors import (
+    FetcherError,
+    FileExpired,
+    FileGone,
+    Forbidden,
+    InternalError,
+    NoQueryPath,
+    TaskBug,
+    TaskError,
+    Unreachable,
+)
 from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .layout import Layout, LayoutFields
-from .models import RemoteFile, Task, TaskState, format_time
+from .models import RemoteFile, Task, TaskState
 from .progress import NullProgress, Progress
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
@@ -40,6 +58,14 @@ from .summary import Outcome, RunSummary, TaskOutcome
 
 #: At most this many lines wait between the reading thread and the loop.
 FEED_BATCH = 2000
+#: OS errors that say the archive cannot be written at all: the run stops (exit 3).
+#: Any other OS error while handling one file is that file's failure.
+_ARCHIVE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+#: Where a dry run keeps its bookkeeping when the archive has no database yet.
+IN_MEMORY = Path(":memory:")
+
+_log = logging.getLogger("fetcher")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,24 +126,46 @@ async def fetch(
     options: FetchOptions | None = None,
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
+    summary: RunSummary | None = None,
 ) -> RunSummary:
     """Archive every task named in ``sources``; returns what happened to each.
 
     Raises :class:`~fetcher.errors.FetcherError` subclasses only for what stops the
-    whole run (bad settings, rejected key, locked or unwritable archive); a task's
-    own trouble is its outcome in the summary. Setting ``stop`` (the CLI does on
-    SIGINT/SIGTERM) winds the run down: downloads in flight keep their bytes for
-    the next run to resume, and the summary says ``interrupted``.
+    whole run (bad settings, rejected key or base URL, locked or unwritable archive,
+    :class:`~fetcher.errors.InternalError` for a bug outside any one task); a task's
+    own trouble is its outcome in the summary. Pass ``summary`` to keep what a run
+    did before such an error stopped it. Setting ``stop`` (the CLI does on
+    SIGINT/SIGTERM) winds the run down, also while it waits for the lock: downloads
+    in flight keep their bytes for the next run to resume, and the summary says
+    ``interrupted``.
+
+    ``dry_run`` touches nothing: no lock, no folder, no database created; the state
+    database, when there is one, is read read-only.
     """
     settings.require_api()
     options = options or FetchOptions()
     layout = Layout(settings.layout)
     archive = Archive(settings.archive)
+    summary = summary if summary is not None else RunSummary()
+    summary.archive = str(archive.root)
+    if options.dry_run:
+        # A read-only look: a database that is not there is an empty one in memory.
+        path = archive.db_path if archive.exists() else IN_MEMORY
+        with StateDB(path, readonly=path != IN_MEMORY) as db:
+            run = _Run(settings, options, progress or NullProgress(), archive, db, layout, summary)
+            return await run.execute(sources, stop)
     archive.prepare()
-    async with archive.wait_lock(options.wait_lock):
+    progress = progress or NullProgress()
+    waiting = functools.partial(
+        progress.message, f"waiting for another run's lock on {archive.root}"
+    )
+    async with archive.wait_lock(options.wait_lock, stop, waiting) as held:
+        if not held:
+            summary.interrupted = True
+            return summary
         archive.clean_work()
         with StateDB(archive.db_path) as db, db.grouped(asyncio.get_running_loop()):
-            run = _Run(settings, options, progress or NullProgress(), archive, db, layout)
+            run = _Run(settings, options, progress, archive, db, layout, summary)
             return await run.execute(sources, stop)
 
 
@@ -132,6 +180,7 @@ class _Run:
         archive: Archive,
         db: StateDB,
         layout: Layout,
+        summary: RunSummary,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -139,9 +188,13 @@ class _Run:
         self.archive = archive
         self.db = db
         self.layout = layout
-        self.summary = RunSummary()
+        self.summary = summary
         self._bookmarks = BookmarkTracker()
         self._seq = itertools.count()
+        #: Tasks handed to the query workers: the run's number of queries, once read.
+        self._queued = 0
+        #: First queries' failures that may yet be the key's or the base URL's.
+        self._held: list[tuple[str, TaskError]] = []
 
     async def execute(self, sources: Iterable[IdSource], stop: asyncio.Event | None) -> RunSummary:
         base_url, api_key = self.settings.require_api()
@@ -162,7 +215,7 @@ class _Run:
             api_origin=api.origin,
             connections=self.settings.downloads,
             proxies=self.settings.proxies,
-            on_bytes=self.progress.bytes_received,
+            on_bytes=self._bytes_received,
         )
         sources = list(sources)
         files = {s.key for s in sources if s.key}
@@ -176,8 +229,10 @@ class _Run:
                 await self._workers(api, downloader, sources, saved, stop)
         except BaseExceptionGroup as group:
             fatal = _first_fatal(group)
-            if not isinstance(fatal, _Stopped):
+            if isinstance(fatal, FetcherError):
                 raise fatal from None
+            if not isinstance(fatal, _Stopped):
+                raise InternalError(f"internal error: {_bug(fatal)}") from fatal
             self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
@@ -200,7 +255,7 @@ class _Run:
         files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(_watch(stop)) if stop is not None else None
-            group.create_task(self._feed(sources, saved, queries, n_queries))
+            group.create_task(self._feed(api, sources, saved, queries, n_queries))
             querying = [
                 group.create_task(self._query_worker(api, queries, files)) for _ in range(n_queries)
             ]
@@ -209,6 +264,7 @@ class _Run:
                 for _ in range(n_downloads)
             ]
             await asyncio.wait(querying)
+            self._release_held()
             for _ in range(n_downloads):
                 await files.put(_FileJob(math.inf, next(self._seq)))
             await asyncio.wait(downloading)
@@ -219,6 +275,7 @@ class _Run:
 
     async def _feed(
         self,
+        api: ApiClient,
         sources: Iterable[IdSource],
         saved: Mapping[str, Mark],
         queries: asyncio.Queue[str | None],
@@ -227,12 +284,13 @@ class _Run:
         tracker = self._bookmarks
         async for batch in batches(iter_entries(sources, saved), FEED_BATCH):
             ids: list[str] = []
-            lines: dict[str, tuple[str, int]] = {}
+            lines: list[tuple[str, tuple[str, int]]] = []
             position = tracker.position
             for entry in batch:
                 if isinstance(entry, str):
                     ids.append(entry)
-                    lines.setdefault(entry, position)
+                    if position[0]:
+                        lines.append((entry, position))
                 elif isinstance(entry, Mark):
                     tracker.mark(entry)
                     position = tracker.position
@@ -243,7 +301,8 @@ class _Run:
             await self._admit(ids, queries, lines)
         if self.options.pending:
             tracker.mark(NO_FILE)
-            await self._admit(self.db.unfinished_ids(), queries, {})
+            await self._admit(self.db.unfinished_ids(), queries, [])
+        api.first.expect(self._queued)
         for _ in range(workers):
             await queries.put(None)
 
@@ -251,12 +310,13 @@ class _Run:
         self,
         ids: list[str],
         queries: asyncio.Queue[str | None],
-        lines: Mapping[str, tuple[str, int]],
+        lines: Sequence[tuple[str, tuple[str, int]]],
     ) -> None:
         """Settle what the database already knows; queue the rest for a query.
 
-        ``lines`` says where in a list file each ID was read, so a task left open
-        keeps the next run reading from before it (see :mod:`fetcher.bookmarks`).
+        ``lines`` says where in a list file each ID was read, every sighting of it,
+        so a task left open keeps the next run reading from before each of them
+        (see :mod:`fetcher.bookmarks`).
         """
         fresh, known = self.db.first_sight(ids)
         before: list[str] = []
@@ -268,8 +328,12 @@ class _Run:
                 reason = f"{state.state} in an earlier run: {state.reason}"
                 self._outcome(TaskOutcome(task_id, Outcome.SKIPPED, reason))
             else:
-                self._bookmarks.waiting(task_id, lines.get(task_id, ("", 0)))
+                self._bookmarks.waiting(task_id)
+                self._queued += 1
                 await queries.put(task_id)
+        for task_id, position in lines:
+            # Every sighting of a task still open, in this batch or an earlier one.
+            self._bookmarks.sighted(task_id, position)
         if before:
             # The cron case: most of a long list. Counted in bulk, no object per task.
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)
@@ -286,10 +350,28 @@ class _Run:
         while (task_id := await queries.get()) is not None:
             try:
                 task = await api.query(task_id)
+                await self._dispatch(task, files)
+            except (Forbidden, NoQueryPath, Unreachable) as exc:
+                if api.first.settled:
+                    self._settle_failure(task_id, str(exc), final=exc.final)
+                else:
+                    # Perhaps the key's or the base URL's fault, not this task's: told
+                    # once the run's first queries say which (fetcher.probe).
+                    self._held.append((task_id, exc))
             except TaskError as exc:
                 self._settle_failure(task_id, str(exc), final=exc.final)
-                continue
-            await self._dispatch(task, files)
+            except FetcherError:
+                raise
+            except Exception as exc:  # one task's bug is that task's failure
+                self._settle_failure(task_id, str(_task_bug(task_id, exc)), final=False)
+            if self._held and api.first.settled:
+                self._release_held()
+
+    def _release_held(self) -> None:
+        """The first queries did not blame the key or the URL: their failures are the tasks'."""
+        held, self._held = self._held, []
+        for task_id, exc in held:
+            self._settle_failure(task_id, str(exc), final=exc.final)
 
     async def _dispatch(self, task: Task, files: asyncio.PriorityQueue[_FileJob]) -> None:
         dry = self.options.dry_run
@@ -313,9 +395,9 @@ class _Run:
             kept = done.get(remote.index)
             if kept is not None and kept.path and (self.archive.root / kept.path).is_file():
                 job.remaining -= 1
-            elif (expired := _expiry(remote)) is not None:
-                self._file_problem(job, remote, expired, expired=True)
             else:
+                # Requested even past its ExpireTime: only the host's refusal makes
+                # a file expired, never this machine's clock.
                 self.progress.file_queued(remote.size)
                 expires = remote.expire_time.timestamp() if remote.expire_time else math.inf
                 await files.put(_FileJob(expires, next(self._seq), job, remote))
@@ -333,7 +415,14 @@ class _Run:
             await self._download_one(api, downloader, job, remote)
             self.progress.file_done()
             if job.remaining == 0:
-                self._finish(job)
+                try:
+                    self._finish(job)
+                except FetcherError:
+                    raise
+                except Exception as exc:  # one task's bug is that task's failure
+                    self._settle_failure(
+                        job.task.task_id, str(_task_bug(job.task.task_id, exc)), final=False
+                    )
 
     async def _download_one(
         self, api: ApiClient, downloader: Downloader, job: _TaskJob, remote: RemoteFile
@@ -349,7 +438,16 @@ class _Run:
             self._file_problem(job, remote, str(exc), expired=False)
             return
         except OSError as exc:
-            raise archive_error(exc, work) from exc
+            if exc.errno in _ARCHIVE_ERRNOS:
+                raise archive_error(exc, work) from exc
+            reason = f"file {remote.index}: {archive_error(exc, work)}"
+            self._file_problem(job, remote, reason, expired=False)
+            return
+        except FetcherError:
+            raise
+        except Exception as exc:  # one file's bug is that file's failure
+            self._file_problem(job, remote, str(_task_bug(task_id, exc)), expired=False)
+            return
         relative = PurePosixPath(job.folder) / f"{remote.index:02d}{got.extension}"
         self.archive.place(got.path, relative)
         self.db.file_done(
@@ -361,8 +459,12 @@ class _Run:
             content_type=got.content_type,
         )
         self.summary.files_downloaded += 1
-        self.summary.bytes_downloaded += got.size
         job.remaining -= 1
+
+    def _bytes_received(self, count: int) -> None:
+        """Counted as they arrive, so an interrupted run still says what came down."""
+        self.summary.bytes_downloaded += count
+        self.progress.bytes_received(count)
 
     async def _fetch_file(
         self,
@@ -373,14 +475,12 @@ class _Run:
         work: Path,
     ) -> Downloaded:
         """Download one file; if its host drops it before ``ExpireTime``, ask the API once more."""
-        _check_not_expired(job.task.task_id, remote)
         try:
             return await downloader.download(job.task.task_id, remote, work)
         except FileGone as gone:
             fresh = await self._fresh_copy(api, job, remote)
             if fresh is None:
                 raise
-            _check_not_expired(job.task.task_id, fresh)
             self.db.refresh_file(job.task.task_id, fresh)
             try:
                 return await downloader.download(job.task.task_id, fresh, work)
@@ -456,20 +556,16 @@ class _Run:
 _SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
 
 
-def _expiry(remote: RemoteFile) -> str | None:
-    """Why ``remote`` can no longer be downloaded, or None while its URL lives."""
-    now = datetime.now(UTC)
-    if remote.expire_time is None or remote.expire_time > now:
-        return None
-    return (
-        f"file {remote.index}: expired at {format_time(remote.expire_time)}"
-        f" (seen {format_time(now)})"
-    )
+def _task_bug(task_id: str, exc: Exception) -> TaskBug:
+    """One task's bug as its failure, its traceback kept for ``-v``."""
+    _log.debug("internal error on %s", task_id, exc_info=exc)
+    return TaskBug(f"internal error: {_bug(exc)}", task_id=task_id)
 
 
-def _check_not_expired(task_id: str, remote: RemoteFile) -> None:
-    if (expired := _expiry(remote)) is not None:
-        raise FileExpired(expired, task_id=task_id)
+def _bug(exc: BaseException) -> str:
+    """A bug in one line: its type and the first line of its text."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _watch(stop: asyncio.Event) -> None:

@@ -150,18 +150,18 @@ class StateDB:
                 conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
-                conn.execute("PRAGMA temp_store=MEMORY")
-                conn.execute("CREATE TEMP TABLE seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            # Temporary, so a read-only look (``fetch --dry-run``) can sort out duplicates too.
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("CREATE TEMP TABLE seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         except sqlite3.Error as exc:
             raise ArchiveError(f"cannot open state database {str(self.path)!r}: {exc}") from exc
         self._conn = conn
         self._check_schema()
-        if not self._readonly:
-            row = self._query_one("SELECT COALESCE(MAX(rowid), 0) FROM tasks")
-            self._rowid_limit = int(str(row[0])) if row else 0
-            self._marks = bytearray(self._rowid_limit // 8 + 1)
+        row = self._query_one("SELECT COALESCE(MAX(rowid), 0) FROM tasks")
+        self._rowid_limit = int(str(row[0])) if row else 0
+        self._marks = bytearray(self._rowid_limit // 8 + 1)
         return self
 
     def __exit__(

@@ -18,6 +18,9 @@ from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_OK
 
+#: The version of the ``--json`` object's shape; raised when a key changes meaning.
+SCHEMA = 1
+
 
 class Outcome(enum.StrEnum):
     """Where a task ended up in this run."""
@@ -72,6 +75,8 @@ class RunSummary:
     interrupted: bool = False
     #: IDs in the unchanged, settled beginning of a list file, not read again.
     unchanged: int = 0
+    #: The archive's absolute path.
+    archive: str | None = None
 
     def add(self, outcome: TaskOutcome) -> None:
         self.counts[outcome.outcome] += 1
@@ -93,7 +98,8 @@ class RunSummary:
         return EXIT_FAILED if self.failed else EXIT_OK
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {o.value: self.counts[o] for o in Outcome}
+        data: dict[str, Any] = {"schema": SCHEMA, "archive": self.archive}
+        data.update((o.value, self.counts[o]) for o in Outcome)
         data.update(
             already_archived=self.already_archived,
             failed=self.failed,

@@ -14,6 +14,7 @@ from fetcher.ids import IdSource, InvalidId, Mark, iter_entries
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, task_response
 from fetcher.state import StateDB
+from fetcher.status import archive_status
 from fetcher.summary import Outcome, RunSummary
 
 
@@ -169,6 +170,49 @@ def test_pending_task_is_asked_again_and_stops_the_bookmark_before_it(
     assert queried(replica) == sorted([before, waiting, after, waiting, waiting])
 
 
+@pytest.mark.parametrize(
+    "first_source",
+    [pytest.param("stdin", id="stdin-then-list"), pytest.param("list", id="another-list-first")],
+)
+def test_pending_task_seen_twice_holds_back_every_list_it_is_in(
+    replica: Replica, settings: Settings, tmp_path: Path, small_chunks: None, first_source: str
+) -> None:
+    """A pending ID read first from stdin (or another list) and again from a list file keeps
+    its line there: status does not call it settled, and the next cron run over the list asks
+    about it again, and archives it once finished."""
+    before, waiting, after = task_id(1), task_id(2), task_id(3)
+    add_image_task(replica, before)
+    add_image_task(replica, after)
+    url = replica.add_file(f"{waiting}/image_0.png", png(8, 8))
+    replica.set_task(
+        waiting,
+        task_response(waiting, status="PROCESSING"),
+        task_response(waiting, files=[file_info(url)]),
+    )
+    path = tmp_path / "ids.txt"
+    path.write_text(f"{before}\n{waiting}\n{after}\n")
+    if first_source == "stdin":
+        first_read = IdSource.from_values("<stdin>", [waiting])
+    else:
+        other = tmp_path / "other.txt"
+        other.write_text(f"{waiting}\n")
+        first_read = IdSource.from_path(other)
+
+    first = fetch_sync(settings, [first_read, IdSource.from_path(path)], FetchOptions())
+
+    assert first.counts[Outcome.PENDING] == 1
+    mark = saved(settings, path)
+    assert mark is None or mark.lines <= 1
+    lists = archive_status(settings.archive).lists
+    assert all(e["lines"] <= 1 for e in lists if e["path"] == str(path.resolve()))
+
+    cron = run_file(settings, path)
+
+    assert cron.counts[Outcome.ARCHIVED] == 1
+    assert queried(replica).count(waiting) == 2
+    assert run_file(settings, path).unchanged == 3
+
+
 def test_failure_for_good_is_settled_but_a_retryable_one_is_not(
     replica: Replica, settings: Settings, tmp_path: Path, small_chunks: None
 ) -> None:
@@ -219,7 +263,7 @@ def test_dry_run_leaves_no_bookmark(replica: Replica, settings: Settings, tmp_pa
 
     run_file(settings, path, dry_run=True)
 
-    assert saved(settings, path) is None
+    assert not settings.archive.exists()
     assert run_file(settings, path).counts[Outcome.ARCHIVED] == 1
 
 

@@ -75,7 +75,9 @@ def pending_task(replica: Replica, tid: str) -> None:
 
 
 def expired_task(replica: Replica, tid: str) -> None:
+    """A file past its ExpireTime that the host no longer serves."""
     url = replica.add_file(f"{tid}/old.png", png(8, 8))
+    replica.remove_file(f"{tid}/old.png")
     past = datetime.now(UTC) - timedelta(hours=1)
     replica.set_task(tid, task_response(tid, files=[file_info(url, expire=past)]))
 
@@ -363,8 +365,8 @@ def test_rejected_key_stops_at_once_while_stdin_stays_open(
     assert "rejected the key" in stderr
 
 
-def test_unwritable_archive_exits_one_with_one_line(replica: Replica, tmp_path: Path) -> None:
-    """An archive path that cannot be a folder is one error line and exit 1, not a traceback."""
+def test_unwritable_archive_exits_three_with_one_line(replica: Replica, tmp_path: Path) -> None:
+    """An archive path that cannot be a folder is one error line and exit 3, not a traceback."""
     tid = task_id(1)
     add_image_task(replica, tid)
     blocker = tmp_path / "a-file"
@@ -372,7 +374,7 @@ def test_unwritable_archive_exits_one_with_one_line(replica: Replica, tmp_path: 
 
     result = run_cli(["fetch", "--id", tid], env=cli_env(replica, blocker / "archive"))
 
-    assert_one_error(result, 1, "cannot create archive", str(blocker))
+    assert_one_error(result, 3, "cannot create archive", str(blocker))
     assert replica.seen("api") == []
 
 

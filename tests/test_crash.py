@@ -396,7 +396,7 @@ def counts(replica: Replica) -> tuple[int, int]:
 
 
 def test_disk_full_while_downloading_stops_the_run(world: World) -> None:
-    """A real ENOSPC while a file streams in: exit 1, one error line, earlier work untouched."""
+    """A real ENOSPC while a file streams in: exit 3, one error line, earlier work untouched."""
     first = world.fetch(world.multi)
     assert first.returncode == 0, first.stderr
     kept_files, kept_rows = archived_files(world.archive), task_rows(world, world.multi)
@@ -407,7 +407,7 @@ def test_disk_full_while_downloading_stops_the_run(world: World) -> None:
     full = world.fetch(world.multi, world.video, prefix=prefix)
 
     work = Archive(world.archive).work_path(world.video, 0)
-    assert full.returncode == 1, full.stderr
+    assert full.returncode == 3, full.stderr
     assert full.stderr.splitlines() == [f"fetcher: error: disk full while writing {str(work)!r}"]
     assert archived_files(world.archive) == kept_files
     assert task_rows(world, world.multi) == kept_rows
@@ -423,7 +423,7 @@ def test_disk_full_while_downloading_stops_the_run(world: World) -> None:
 
 
 def test_disk_full_while_writing_the_sidecar_stops_the_run(world: World) -> None:
-    """ENOSPC from /dev/full on the sidecar: exit 1, no task.json, nothing committed half."""
+    """ENOSPC from /dev/full on the sidecar: exit 3, no task.json, nothing committed half."""
     first = world.fetch(world.video)
     assert first.returncode == 0, first.stderr
     kept_files, kept_rows = archived_files(world.archive), task_rows(world, world.video)
@@ -433,7 +433,7 @@ def test_disk_full_while_writing_the_sidecar_stops_the_run(world: World) -> None
     full = world.fetch(world.multi, world.video, crash_at="open|.json.tmp|1|devfull")
 
     target = world.archive / task_column(world, world.multi, "dir") / "task.json"
-    assert full.returncode == 1, full.stderr
+    assert full.returncode == 3, full.stderr
     assert full.stderr.splitlines() == [f"fetcher: error: disk full while writing {str(target)!r}"]
     assert not target.exists()
     assert Path("/dev/full").is_char_device()
@@ -454,7 +454,7 @@ def test_disk_full_while_writing_the_sidecar_stops_the_run(world: World) -> None
 
 
 def test_unwritable_task_type_folder_stops_the_run(world: World) -> None:
-    """A task-type folder that cannot be written: exit 1, one error line, earlier work untouched."""
+    """A task-type folder that cannot be written: exit 3, one error line, earlier work untouched."""
     third = task_id(3)
     world.datas[third] = add_image_task(world.replica, third, 1)
     world.extension[third] = ".png"
@@ -474,7 +474,7 @@ def test_unwritable_task_type_folder_stops_the_run(world: World) -> None:
         finally:
             folder.chmod(0o755)
 
-    assert denied.returncode == 1, denied.stderr
+    assert denied.returncode == 3, denied.stderr
     (line,) = denied.stderr.splitlines()
     assert line.startswith(f"fetcher: error: archive not writable: '{folder}/")
     assert line.endswith(("(Read-only file system)", "(Permission denied)"))

@@ -26,23 +26,42 @@ def leftovers(archive: Path) -> list[str]:
 # -- expiry and missing files ---------------------------------------------------------------
 
 
-def test_expired_file_is_not_requested(
+def test_file_served_after_its_expire_time_is_archived(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """A file whose ExpireTime has passed is reported expired without a request to the host."""
+    """A host that still serves a file 2 minutes after its ExpireTime: the file is archived."""
     tid = task_id(12)
+    data, url = image_file(replica, tid)
+    past = datetime.now(UTC) - timedelta(minutes=2)
+    replica.set_task(tid, task_response(tid, files=[file_info(url, expire=past)]))
+
+    summary = run(settings, tid)
+
+    got = outcome_of(summary, tid)
+    assert got.outcome is Outcome.ARCHIVED, got.reason
+    assert summary.exit_code == 0
+    assert data in archived_files(archive_dir).values()
+    assert db_row(archive_dir, tid) == ("archived", 1, None)
+
+
+def test_file_refused_after_its_expire_time_is_expired_for_good(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """Past its ExpireTime, the host's 404 (asked once, no re-query) records the file expired."""
+    tid = task_id(14)
     _, url = image_file(replica, tid)
-    past = datetime.now(UTC) - timedelta(hours=1)
+    replica.remove_file(url.removeprefix(replica.files_url))
+    past = datetime.now(UTC) - timedelta(minutes=2)
     replica.set_task(tid, task_response(tid, files=[file_info(url, expire=past)]))
 
     summary = run(settings, tid)
 
     got = outcome_of(summary, tid)
     assert got.outcome is Outcome.EXPIRED
-    assert "expired" in str(got.reason)
+    assert "expired at" in str(got.reason)
     assert summary.exit_code == 1
-    assert replica.seen("files") == []
-    assert archived_files(archive_dir) == {}
+    assert len(replica.seen("files")) == 1
+    assert len(replica.seen("api")) == 1
     state, final, _ = db_row(archive_dir, tid) or ("", 0, None)
     assert (state, final) == ("expired", 1)
 
@@ -318,3 +337,42 @@ def test_unparseable_url_from_anywhere_is_a_download_error(tmp_path: Path, url: 
 
     with pytest.raises(DownloadError, match="unusable FileUrl"):
         asyncio.run(attempt())
+
+
+@pytest.mark.parametrize(
+    ("promised", "sent"),
+    [
+        pytest.param(300_000, 1_000, id="short-with-matching-content-length"),
+        pytest.param(500, 1_000, id="longer-with-matching-content-length"),
+    ],
+)
+def test_body_that_does_not_match_metadata_size_is_retried_then_fails(
+    replica: Replica, settings: Settings, archive_dir: Path, promised: int, sent: int
+) -> None:
+    """MetaData.Size says one size, the host another (Content-Length agreeing with its body,
+    no Md5): not archived; tried from scratch each attempt, then an integrity failure that
+    the next run retries; a host that mends it is archived then."""
+    tid = task_id(40, "AigcVideoTask")
+    whole = pseudo_video(promised, seed=4)
+    url = replica.add_file(f"{tid}/v.mp4", pseudo_video(sent, seed=5), "video/mp4")
+    info = file_info(url, size=promised, file_type="video")
+    replica.set_task(tid, task_response(tid, task_type="AigcVideoTask", files=[info]))
+
+    summary = run(settings, tid)
+
+    got = outcome_of(summary, tid)
+    assert got.outcome is Outcome.FAILED
+    assert "MetaData.Size" in str(got.reason)
+    assert summary.exit_code == 1
+    requests = replica.seen("files")
+    assert len(requests) == settings.retries + 1
+    assert all("Range" not in r.headers for r in requests)
+    assert not any(k.endswith(".mp4") for k in archived_files(archive_dir))
+    assert db_row(archive_dir, tid) == ("failed", 0, got.reason)
+    assert leftovers(archive_dir) == []
+
+    replica.add_file(f"{tid}/v.mp4", whole, "video/mp4")
+    again = run(settings, tid)
+
+    assert outcome_of(again, tid).outcome is Outcome.ARCHIVED
+    assert whole in archived_files(archive_dir).values()

@@ -444,15 +444,16 @@ def test_truncated_body_every_time_fails_and_nothing_is_visible(
 # -- expiry ---------------------------------------------------------------------------------
 
 
-def test_past_expire_time_is_never_requested(
+def test_past_expire_time_refused_is_expired_the_other_kept(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """Of two files, the one whose ExpireTime has passed is not requested; the other is kept."""
+    """Of two files, the one the host refuses past its ExpireTime is expired; the other kept."""
     tid = task_id(12)
     past = datetime.now(UTC) - timedelta(seconds=5)
     good = pseudo_video(3000, seed=1)
     good_url = replica.add_file(f"{tid}/00.mp4", good, "video/mp4")
     old_url = replica.add_file(f"{tid}/01.mp4", pseudo_video(3000, seed=2), "video/mp4")
+    replica.remove_file(f"{tid}/01.mp4")
     infos = [file_info(good_url, file_type="video"), file_info(old_url, expire=past)]
     replica.set_task(tid, task_response(tid, files=infos))
 
@@ -462,7 +463,7 @@ def test_past_expire_time_is_never_requested(
     assert got.outcome is Outcome.EXPIRED
     assert "file 1" in str(got.reason)
     assert "expired" in str(got.reason)
-    assert [r.path for r in replica.seen("files")] == [f"/{tid}/00.mp4"]
+    assert sorted(r.path for r in replica.seen("files")) == [f"/{tid}/00.mp4", f"/{tid}/01.mp4"]
     assert (archive_dir / str(got.folder) / "00.mp4").read_bytes() == good
     entries = sidecar(archive_dir, str(got.folder))["files"]
     assert entries[1]["path"] is None

@@ -423,13 +423,15 @@ def test_unknown_task_fails_with_a_reason(
 def test_bare_404_from_the_api_is_not_final(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """A 404 without the upstream's own error (a wrong base URL) is retried by the next run."""
-    tid = task_id(12)
+    """A 404 without the upstream's own error, while other queries get through, is retried
+    by the next run."""
+    tid, other = task_id(12), task_id(13)
     data = add_image_task(replica, tid)
+    add_image_task(replica, other)
     gateway_404 = json.dumps({"error": {"message": "Invalid URL", "type": "x", "code": ""}})
     replica.fault("api", tid, Fault(status=404, body=gateway_404.encode()))
 
-    first = run(settings, tid)
+    first = run(settings, tid, other)
 
     got = outcome_of(first, tid)
     assert got.outcome is Outcome.FAILED
@@ -437,7 +439,7 @@ def test_bare_404_from_the_api_is_not_final(
     assert db_row(archive_dir, tid) == ("failed", 0, got.reason)
     second = run(settings, tid)
     assert outcome_of(second, tid).outcome is Outcome.ARCHIVED
-    assert next(iter(archived_files(archive_dir).values())) == data[0]
+    assert data[0] in archived_files(archive_dir).values()
 
 
 # -- re-runs and input ----------------------------------------------------------------------
@@ -704,9 +706,7 @@ def test_dry_run_queries_but_downloads_nothing(
     assert outcome_of(summary, waiting).outcome is Outcome.PENDING
     assert summary.requests == 2
     assert replica.seen("files") == []
-    assert archived_files(archive_dir) == {}
-    assert db_row(archive_dir, tid) is None
-    assert db_row(archive_dir, waiting) is None
+    assert not archive_dir.exists()
 
 
 def test_malformed_api_answer_fails_with_a_clear_reason(

@@ -3,6 +3,7 @@ and one more query for a fresh URL when a host drops a file early."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -199,6 +200,9 @@ def test_signal_winds_down_then_the_next_run_resumes(
 
     assert proc.returncode == code, err
     assert '"interrupted": true' in out
+    document = json.loads(out)
+    assert document["bytes_downloaded"] == 150_000  # what did arrive, though not yet whole
+    assert document["archive"] == str(archive)
     assert signal.Signals(signum).name in err
     partial = [p for p in record.iterdir() if p.name.endswith(".part")]
     assert [p.stat().st_size for p in partial] == [150_000]
@@ -214,9 +218,10 @@ def test_signal_winds_down_then_the_next_run_resumes(
 def test_expired_file_records_when_it_was_seen(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """An expired file's reason says when it expired and when fetcher saw it."""
+    """An expired file's reason says when it expired and when fetcher saw it refused."""
     tid = task_id(8)
     url = replica.add_file(f"{tid}/img.png", png(8, 8))
+    replica.remove_file(f"{tid}/img.png")
     past = datetime.now(UTC) - timedelta(hours=1)
     replica.set_task(tid, task_response(tid, files=[file_info(url, expire=past)]))
 
