@@ -9,7 +9,8 @@ that task's outcome, so the rest of the run goes on::
     │   ├── ConfigError               exit 2   unreadable or invalid config file
     │   ├── InputError                exit 2   unreadable task-ID file
     │   └── GatewayError              exit 2   the base URL reaches no gateway (first queries)
-    ├── AuthError                     exit 2   the API rejected the key
+    ├── AuthError                     exit 2   the API rejected the key (401, AuthFailure.*,
+    │                                          or 403 to every first query)
     ├── LockedError                   exit 75  another run holds the archive
     ├── ArchiveError                  exit 3   the archive or its state cannot be written
     ├── InternalError                 exit 70  a bug stopped the run

@@ -67,11 +67,12 @@ def test_signal_while_waiting_for_the_lock_ends_the_wait_at_once(
     Archive(archive).prepare()
     env = process_env(replica, archive, tmp_path)
     command = [sys.executable, "-m", "fetcher", "fetch", "--wait-lock", "--id", tid, "--json"]
+    # The lock is let go first, so a run that kept waiting still ends.
     with (
-        Archive(archive).lock(),
         subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as proc,
+        Archive(archive).lock(),
     ):
         assert proc.stderr is not None and proc.stdout is not None
         _wait_for(_lines(proc.stderr), "waiting for another run's lock")
