@@ -15,9 +15,9 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from . import __version__
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .progress import Progress
     from .summary import RunSummary
 from .errors import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, FetcherError, UsageError
+
+_T = TypeVar("_T")
 
 _SETTING_FLAGS = (
     "archive",
@@ -101,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show what the archive holds", description="Show what the archive holds."
     )
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit",
+        type=_count,
+        default=20,
+        metavar="N",
+        help="show at most N entries of each list (default 20)",
+    )
+    shown.add_argument("--all", action="store_true", help="show every entry of each list")
     status.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
 
@@ -114,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair",
         action="store_true",
         help="download again the missing or corrupt files whose URL has not expired",
+    )
+    verify.add_argument(
+        "--accept-changed",
+        action="store_true",
+        help="with --repair: let bytes the host now serves differently replace the archived ones",
     )
     verify.add_argument("--json", action="store_true", help="print JSON on stdout")
     verify.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
@@ -137,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_flags(demo)
     return parser
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more; anything else is a usage error naming the flag."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return int(text)
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -285,7 +308,7 @@ def _own_stdin() -> BinaryIO:
 def _status(args: argparse.Namespace) -> int:
     from .status import archive_status
 
-    report = archive_status(_settings(args).archive)
+    report = archive_status(_settings(args).archive, limit=None if args.all else args.limit)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -294,18 +317,56 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify_archive
+    from .verify import verify
 
     settings = _settings(args)
+    if args.accept_changed and not args.repair:
+        raise UsageError("--accept-changed needs --repair")
     with _progress(args) as progress:
-        report = verify_archive(
-            settings.archive, repair=args.repair, settings=settings, progress=progress
+        report, signum = asyncio.run(
+            _until_signal(
+                lambda stop: verify(
+                    settings.archive,
+                    repair=args.repair,
+                    settings=settings,
+                    progress=progress,
+                    accept_changed=args.accept_changed,
+                    stop=stop,
+                ),
+                "stopping; a download in flight is kept for the next repair",
+            )
         )
+    code = report.exit_code if signum is None else 128 + signum
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    elif report.problems or not args.quiet:
+        print(json.dumps({**report.to_json(), "exit_code": code}, indent=2))
+    elif report.problems or not args.quiet or signum is not None:
         print("\n".join(report.lines()))
-    return report.exit_code
+    return code
+
+
+async def _until_signal(
+    work: Callable[[asyncio.Event], Awaitable[_T]], note: str
+) -> tuple[_T, int | None]:
+    """Run ``work(stop)``; the first SIGINT/SIGTERM sets ``stop`` (and logs ``note``), a
+    second one kills. Returns the result and the signal that stopped it, if any."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        logging.getLogger("fetcher").warning("%s: %s", signal.Signals(signum).name, note)
+        stop.set()
+        loop.remove_signal_handler(signum)  # the next one gets the default: it kills
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        result = await work(stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return result, (received[0] if received else None)
 
 
 def _demo(args: argparse.Namespace) -> int:

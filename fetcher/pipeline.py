@@ -26,11 +26,13 @@ from .api import ApiClient
 from .archive import Archive, archive_error
 from .bookmarks import NO_FILE, BookmarkTracker
 from .config import Settings
+from .dedup import FirstSight
 from .download import Downloaded, Downloader
 from .errors import FetcherError, FileExpired, FileGone, TaskError
 from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .layout import Layout, LayoutFields
+from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, format_time
 from .progress import NullProgress, Progress
 from .retry import RetryPolicy
@@ -141,6 +143,7 @@ class _Run:
         self.layout = layout
         self.summary = RunSummary()
         self._bookmarks = BookmarkTracker()
+        self._seen = FirstSight(db)
         self._seq = itertools.count()
 
     async def execute(self, sources: Iterable[IdSource], stop: asyncio.Event | None) -> RunSummary:
@@ -169,7 +172,7 @@ class _Run:
         saved = (
             {}
             if self.options.retry_failed or not files
-            else {mark.source: mark for mark, _ in self.db.bookmarks() if mark.source in files}
+            else {mark.source: mark for mark, _ in bookmarks(self.db) if mark.source in files}
         )
         try:
             async with api, downloader:
@@ -184,7 +187,7 @@ class _Run:
         if not self.options.dry_run:
             # Interrupted too: whatever was settled before the first open task stays so.
             for reached in self._bookmarks.reached().values():
-                self.db.save_bookmark(reached)
+                save_bookmark(self.db, reached)
         return self.summary
 
     async def _workers(
@@ -258,7 +261,7 @@ class _Run:
         ``lines`` says where in a list file each ID was read, so a task left open
         keeps the next run reading from before it (see :mod:`fetcher.bookmarks`).
         """
-        fresh, known = self.db.first_sight(ids)
+        fresh, known = self._seen.first_sight(ids)
         before: list[str] = []
         for task_id in fresh:
             state = known.get(task_id)

@@ -890,7 +890,13 @@ def test_status_json_reports_counts_pending_and_failures(
 
     assert result.returncode == 0, result.stderr
     report = summary_json(result)
-    assert report["counts"] == {"archived": 1, "pending": 1, "failed": 1}
+    assert report["counts"] == {
+        "archived": 1,
+        "pending": 1,
+        "incomplete": 0,
+        "failed": 1,
+        "expired": 0,
+    }
     assert report["files_archived"] == 2
     assert report["bytes_archived"] == sum(
         len(b) for p, b in archived_files(archive_dir).items() if p.endswith(".png")
