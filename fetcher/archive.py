@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .durable import fsync_dir, make_folders
 from .errors import ArchiveError, LockedError
 
 META_DIR = ".fetcher"
@@ -184,7 +185,7 @@ class Archive:
         target = self.resolve(relative)
         try:
             self._move_into(work_file, target, relative)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise archive_error(exc, target) from exc
         return target
@@ -206,8 +207,8 @@ class Archive:
                 n += 1
                 target = target.with_name(f"{stem}.{n}")
             source.replace(target)
-            _fsync_dir(target.parent)
-            _fsync_dir(source.parent)
+            fsync_dir(target.parent)
+            fsync_dir(source.parent)
         except OSError as exc:
             raise archive_error(exc, target) from exc
         return PurePosixPath(target.relative_to(self.root).as_posix())
@@ -224,7 +225,7 @@ class Archive:
                 handle.flush()
                 os.fsync(handle.fileno())
             self._move_into(temp, target, relative)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise archive_error(exc, target) from exc
@@ -246,32 +247,3 @@ def archive_error(exc: OSError, path: Path) -> ArchiveError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ArchiveError(f"archive not writable: {str(path)!r} ({exc.strerror})")
     return ArchiveError(f"cannot write {str(path)!r}: {exc.strerror or exc}")
-
-
-def make_folders(path: Path) -> None:
-    """``mkdir -p`` that lasts: each folder made, and the one above that existed, is fsynced.
-
-    A folder's entry is data of its parent: without this, a power cut can take a
-    whole task folder (and the files renamed into it) back with it.
-    """
-    made: list[Path] = []
-    probe = path
-    while not probe.is_dir():
-        made.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not made:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    for folder in (*made, probe):
-        _fsync_dir(folder)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry is data too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,6 +12,7 @@ up: the caller renames the verified work file into the archive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -27,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 from aiohttp import ClientResponse
 
 from .api import USER_AGENT
+from .durable import fsync_dir, fsync_file, write_text_durably
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
@@ -99,7 +101,21 @@ class _WorkFile:
         if isinstance(data, dict) and data.get("url") == url:
             validator = data.get("validator")
             work.validator = validator if isinstance(validator, str) else None
+        if work.validator is not None:
+            work.make_durable()
         return work
+
+    def make_durable(self) -> None:
+        """Before a resume builds on them: the partial bytes and their record on disk.
+
+        A run killed outright leaves them in the page cache only; the bytes the
+        resume appends are fsynced at the end, but a power cut before that could
+        take the older ones, or the record, back.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            fsync_file(self.path)
+        fsync_file(self.meta)
+        fsync_dir(self.path.parent)
 
     def size(self) -> int:
         try:
@@ -125,8 +141,9 @@ class _WorkFile:
     def record(self) -> None:
         """Name the response the work file's bytes come from (runs on the sink's thread)."""
         if self.validator is not None and not self.recorded:
-            self.meta.write_text(
-                json.dumps({"url": self.url, "validator": self.validator}), "utf-8"
+            # Durable before the partial bytes it names: a resume may rely on it.
+            write_text_durably(
+                self.meta, json.dumps({"url": self.url, "validator": self.validator})
             )
             self.recorded = True
 
