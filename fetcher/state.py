@@ -164,7 +164,6 @@ class StateDB:
             conn = self._connect()
             if not self._readonly:
                 self._migrate(conn)
-            conn.execute("PRAGMA busy_timeout=5000")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self.version = self._version(conn)
         except sqlite3.Error as exc:
@@ -180,8 +179,10 @@ class StateDB:
         return self
 
     def _connect(self) -> sqlite3.Connection:
+        """The connection, writable (WAL, synced commits) or read-only."""
         if not self._readonly:
-            conn = sqlite3.connect(self.path, isolation_level=None)
+            # sqlite3's own timeout is the busy timeout, set before a migration's BEGIN.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA temp_store=MEMORY")
@@ -194,7 +195,8 @@ class StateDB:
         wal = self.path.with_name(self.path.name + "-wal")
         immutable = not os.access(self.path.parent, os.W_OK) and not _has_bytes(wal)
         query = "mode=ro&immutable=1" if immutable else "mode=ro"
-        return sqlite3.connect(f"{self.path.as_uri()}?{query}", uri=True, isolation_level=None)
+        uri = f"{self.path.as_uri()}?{query}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring the schema up to :data:`SCHEMA_VERSION`, one migration per transaction."""
@@ -317,7 +319,7 @@ class StateDB:
         """
         if self._loop is not None:
             return None
-        loop = asyncio_running_loop()
+        loop = _running_loop()
         return None if loop is None else loop.call_soon(self._turned)
 
     def _turned(self) -> None:
@@ -616,7 +618,7 @@ def require_sqlite(version: tuple[int, int, int]) -> None:
         )
 
 
-def asyncio_running_loop() -> asyncio.AbstractEventLoop | None:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The running event loop, or None in plain synchronous code."""
     try:
         return asyncio.get_running_loop()
