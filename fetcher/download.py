@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urljoin, urlsplit
-
-from aiohttp import ClientResponse
 
 from .api import USER_AGENT
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
@@ -33,6 +31,9 @@ from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from .sink import BLOCK, ShortWorkFile, WorkSink
 from .transport import Session
 from .url import InvalidUrl, Url
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
