@@ -28,7 +28,7 @@ from .api import USER_AGENT
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
-from .sink import BLOCK, ShortWorkFile, WorkSink
+from .sink import ShortWorkFile, WorkSink
 from .transport import Session
 from .url import InvalidUrl, Url
 
@@ -365,7 +365,9 @@ class Downloader:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record
             ) as sink:
-                async for chunk in response.content.iter_chunked(BLOCK):
+                # Chunks as received, not re-joined to a size: the sink joins them into
+                # its blocks, and one copy of each byte on the loop is enough.
+                async for chunk, _ in response.content.iter_chunks():
                     if sink.size + len(chunk) > limit:
                         raise DownloadError(f"file {remote.index}: body {past}", url=remote.url)
                     await sink.write(chunk)
