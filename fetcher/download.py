@@ -21,18 +21,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urljoin, urlsplit
-
-from aiohttp import ClientResponse
 
 from .api import USER_AGENT
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
 from .models import RemoteFile, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
-from .sink import BLOCK, ShortWorkFile, WorkSink
+from .sink import ShortWorkFile, WorkSink
 from .transport import Session
 from .url import InvalidUrl, Url
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -364,7 +365,9 @@ class Downloader:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record
             ) as sink:
-                async for chunk in response.content.iter_chunked(BLOCK):
+                # Chunks as received, not re-joined to a size: the sink joins them into
+                # its blocks, and one copy of each byte on the loop is enough.
+                async for chunk, _ in response.content.iter_chunks():
                     if sink.size + len(chunk) > limit:
                         raise DownloadError(f"file {remote.index}: body {past}", url=remote.url)
                     await sink.write(chunk)
