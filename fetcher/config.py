@@ -175,15 +175,7 @@ def load_settings(
     warnings: list[str] = []
     layers: list[dict[str, _Given]] = []
     if explicit is not None or path.is_file():
-        origin = f"config file {str(path)!r}"
-        file_values = _read_config(path)
-        if ("api_key" in file_values) and _readable_by_others(path):
-            warnings.append(
-                f"config file {str(path)!r} holds the API key and is readable by other users"
-                " (chmod 600 it)"
-            )
-        base = path.absolute().parent
-        layers.append({k: _Given(v, origin, False, base) for k, v in file_values.items()})
+        layers.append(_file_layer(path, warnings))
     layers.append(
         {
             name: _Given(env[variable], variable, True)
@@ -198,6 +190,27 @@ def load_settings(
             if value is not None
         }
     )
+    values = _merge(layers)
+    changes = {name: _coerce(name, given) for name, given in values.items() if name != KEY_FILE}
+    if KEY_FILE in values:
+        key, warning = _key_from_file(values[KEY_FILE])
+        changes["api_key"] = key
+        warnings.extend(warning)
+    settings = Settings(**changes, proxies=_proxies(env))
+    return Loaded(settings, tuple(warnings))
+
+
+def _file_layer(path: Path, warnings: list[str]) -> dict[str, _Given]:
+    origin = f"config file {str(path)!r}"
+    file_values = _read_config(path)
+    if "api_key" in file_values and _readable_by_others(path):
+        warnings.append(f"{origin} holds the API key and is readable by other users (chmod 600 it)")
+    base = path.absolute().parent
+    return {name: _Given(value, origin, False, base) for name, value in file_values.items()}
+
+
+def _merge(layers: list[dict[str, _Given]]) -> dict[str, _Given]:
+    """Each layer over the ones below; ``api_key`` and ``api_key_file`` count as one setting."""
     values: dict[str, _Given] = {}
     for layer in layers:
         if "api_key" in layer and KEY_FILE in layer:
@@ -209,13 +222,7 @@ def load_settings(
             values.pop("api_key", None)
             values.pop(KEY_FILE, None)
         values.update(layer)
-    changes = {name: _coerce(name, given) for name, given in values.items() if name != KEY_FILE}
-    if KEY_FILE in values:
-        key, warning = _key_from_file(values[KEY_FILE])
-        changes["api_key"] = key
-        warnings.extend(warning)
-    settings = Settings(**changes, proxies=_proxies(env))
-    return Loaded(settings, tuple(warnings))
+    return values
 
 
 def _coerce(name: str, given: _Given) -> Any:
