@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from . import __version__
 from .errors import AuthError, HttpError, QueryError, ResponseError, TaskNotFound
-from .models import ApiErrorCode, Task, load_json, one_line, parse_task
+from .models import ApiErrorCode, Task, load_json, parse_task, redact, server_text
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
 from .transport import Session
 from .url import Url
@@ -117,7 +117,7 @@ class ApiClient:
             # Only the upstream's own "no such task" is final; a bare 404 is as likely
             # a wrong base URL, and must not write off every task for good.
             try:
-                parse_task(task_id, body)
+                parse_task(task_id, body, secret=self._key)
             except TaskNotFound:
                 raise
             except QueryError:
@@ -129,7 +129,7 @@ class ApiClient:
         if status >= 400:
             raise QueryError(f"the API answered HTTP {status}{self._detail(body)}", task_id=task_id)
         try:
-            return parse_task(task_id, body)
+            return parse_task(task_id, body, secret=self._key)
         except ApiErrorCode as exc:
             if exc.auth:
                 raise AuthError(f"the API rejected the key ({exc.code})") from None
@@ -155,9 +155,11 @@ class ApiClient:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 return response.status, retry_after, bytes(body)
         except HttpError as exc:
+            # aiohttp's words for a malformed head may quote the server's bytes.
+            reason = redact(str(exc), self._key)
             if not exc.retryable:
-                raise QueryError(f"query failed: {exc}", task_id=task_id) from exc
-            raise _Transient(str(exc)) from exc
+                raise QueryError(f"query failed: {reason}", task_id=task_id) from exc
+            raise _Transient(reason) from exc
 
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""
@@ -166,6 +168,6 @@ class ApiClient:
             message = document["error"]["message"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return ""
-        if not isinstance(message, str) or not one_line(message):
+        if not isinstance(message, str) or not server_text(message, self._key):
             return ""
-        return ": " + one_line(message).replace(self._key, "***")[:200]
+        return ": " + server_text(message, self._key)[:200]

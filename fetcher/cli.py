@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ _SETTING_FLAGS = (
     "archive",
     "base_url",
     "api_key",
+    "api_key_file",
     "concurrency",
     "downloads",
     "timeout",
@@ -47,7 +49,16 @@ _SETTING_FLAGS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """A bad flag is a usage error like any other: one ``fetcher: error:`` line, exit 2."""
+    """A bad flag is a usage error like any other: one ``fetcher: error:`` line, exit 2.
+
+    Abbreviations are refused (``--pend`` is not ``--pending``): a flag added
+    later must not change what an old cron line means. Subcommands' parsers are
+    of this class too, so the rule holds for every command.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"fetcher: error: {message} (see '{self.prog} --help')\n")
@@ -112,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show at most N entries of each list (default 20)",
     )
     shown.add_argument("--all", action="store_true", help="show every entry of each list")
-    status.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    status.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
 
     verify = commands.add_parser(
@@ -132,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --repair: let bytes the host now serves differently replace the archived ones",
     )
     verify.add_argument("--json", action="store_true", help="print JSON on stdout")
-    verify.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    verify.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     verify.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     output = verify.add_argument_group("output")
     output.add_argument("-q", "--quiet", action="store_true", help="print nothing when all is well")
@@ -145,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a replica of the gateway and file host on loopback, archive "
         "sample_tasks.txt into a fresh folder, and show the result.",
     )
-    demo.add_argument("--archive", type=Path, metavar="DIR", help="folder to archive into")
+    demo.add_argument("--archive", type=_folder, metavar="DIR", help="folder to archive into")
     demo.add_argument(
         "--serve",
         action="store_true",
@@ -164,9 +175,14 @@ def _count(text: str) -> int:
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag > FETCHER_<NAME> > config file > default)")
-    group.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    group.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     group.add_argument("--base-url", metavar="URL", help="the gateway's origin")
-    group.add_argument("--api-key", metavar="KEY", help="API key (prefer FETCHER_API_KEY)")
+    group.add_argument(
+        "--api-key", metavar="KEY", help="API key (prefer --api-key-file: argv is visible)"
+    )
+    group.add_argument(
+        "--api-key-file", metavar="FILE", help="read the API key from FILE's first line"
+    )
     group.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     group.add_argument("--concurrency", type=int, metavar="N", help="queries in flight")
     group.add_argument("--downloads", type=int, metavar="N", help="downloads in flight")
@@ -176,15 +192,27 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         "--retry-wait", type=float, metavar="SECONDS", help="first backoff delay (doubles each try)"
     )
     group.add_argument("--rate", type=float, metavar="PER_SECOND", help="query rate limit")
-    group.add_argument("--max-file-size", type=int, metavar="BYTES", help="largest file accepted")
+    group.add_argument(
+        "--max-file-size", metavar="BYTES", help="largest file accepted (16GiB, 500MB, 1048576)"
+    )
     group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("-q", "--quiet", action="store_true", help="only problems")
-    group.add_argument("-v", "--verbose", action="store_true", help="also tasks already archived")
+    loudness = group.add_mutually_exclusive_group()  # -q -v would mean nothing sensible
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only problems")
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="also tasks already archived"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _folder(text: str) -> str:
+    """A folder flag's value: an empty one would silently mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path is not a folder")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,6 +282,7 @@ def _fetch(args: argparse.Namespace) -> int:
         wait_lock=args.wait_lock,
     )
     with _progress(args) as progress:
+        _warn_if_key_in_clear(settings)
         summary, signum = asyncio.run(_fetch_until_signal(settings, sources, options, progress))
     code = summary.exit_code if signum is None else 128 + signum
     if args.json:
@@ -261,6 +290,19 @@ def _fetch(args: argparse.Namespace) -> int:
     elif not args.quiet or signum is not None:
         print(summary_line(summary))
     return code
+
+
+def _warn_if_key_in_clear(settings: Settings) -> None:
+    """One line when the key is about to cross a network unencrypted (loopback is fine)."""
+    from .url import Url
+
+    api = Url.parse(settings.require_api()[0])
+    if api.in_clear:
+        logging.getLogger("fetcher").warning(
+            "warning: the API key goes to %s over plain http://, readable on the way;"
+            " use https:// if the gateway offers it",
+            api.authority,
+        )
 
 
 async def _fetch_until_signal(
@@ -376,7 +418,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.serve:
         return _serve_demo()
     with _progress(args) as progress:
-        result = run_demo(args.archive, progress)
+        result = run_demo(Path(args.archive) if args.archive else None, progress)
     print(summary_line(result.summary))
     print(
         "(the replica plays one task still running and one refused by moderation,"
@@ -391,7 +433,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print("Point it at the real gateway:")
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
-    print(f"  fetcher fetch task_ids.txt --archive {result.archive}")
+    print(f"  {_invocation()} fetch task_ids.txt --archive {shlex.quote(str(result.archive))}")
     return 0
 
 
@@ -403,13 +445,22 @@ def _serve_demo() -> int:
     with demo_replica() as replica:
         print("replica of the gateway and file host running; in another shell:")
         print(f"  export FETCHER_BASE_URL={replica.api_url} FETCHER_API_KEY={replica.api_key}")
-        print(f"  fetcher fetch {sample_tasks()} --archive demo-archive --json")
+        sample = shlex.quote(str(sample_tasks()))
+        print(f"  {_invocation()} fetch {sample} --archive demo-archive --json")
         print("Ctrl-C stops it.", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
+
+
+def _invocation() -> str:
+    """This fetcher as the user can run it again: a venv's script is not on PATH by itself."""
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "fetcher":
+        return shlex.quote(program)
+    return f"{shlex.quote(sys.executable)} -m fetcher"
 
 
 _COMMANDS = {"fetch": _fetch, "status": _status, "verify": _verify, "demo": _demo}
