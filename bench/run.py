@@ -298,10 +298,12 @@ def drop_download(bench: Bench, names: list[str]) -> None:
             (bench.api_dir / tid).unlink(missing_ok=True)
 
 
-def fetcher_schema() -> tuple[str, int]:
-    from fetcher.state import _SCHEMA, SCHEMA_VERSION
+def create_state(path: Path) -> None:
+    """An empty state database in fetcher's current schema, made by fetcher itself."""
+    from fetcher.state import StateDB
 
-    return _SCHEMA, SCHEMA_VERSION
+    with StateDB(path):
+        pass
 
 
 def build_archived_state(bench: Bench, w: Workload) -> Path:
@@ -310,19 +312,17 @@ def build_archived_state(bench: Bench, w: Workload) -> Path:
     Written straight with sqlite3 in fetcher's own schema: downloading a million
     tasks first would measure nothing the workload is about.
     """
-    schema, version = fetcher_schema()
     base = bench.work / "e-base"
     meta = base / ".fetcher"
     (meta / "work").mkdir(parents=True)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     day = stamp[:10].replace("-", "/")
     ids = [task_id("e", "AigcImageTask", n) for n in range(w.tasks)]
+    create_state(meta / "state.sqlite")
     conn = sqlite3.connect(meta / "state.sqlite", isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("PRAGMA cache_size=-262144")
-        conn.executescript(schema)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (version,))
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO tasks (task_id, state, final, task_type, created_at, finished_at, dir, "

@@ -32,7 +32,7 @@ from .errors import (
     Unreachable,
     UntrustedCertificate,
 )
-from .models import ApiErrorCode, Task, load_json, one_line, parse_task
+from .models import ApiErrorCode, Task, load_json, parse_task, redact, server_text
 from .probe import Blame, FirstQueries
 from .retry import RETRY_STATUSES, RateLimiter, RetryPolicy, attempts, parse_retry_after
 from .transport import Session
@@ -85,7 +85,7 @@ class ApiClient:
         #: Queries actually sent, retries included: what "zero requests" is measured by.
         self.requests_sent = 0
         #: Judges the run's first answers: the key's or the base URL's fault, or the task's.
-        self.first = FirstQueries(concurrency, _redacted(self.base_url, api_key))
+        self.first = FirstQueries(concurrency, redact(self.base_url, api_key))
 
     async def __aenter__(self) -> Self:
         self._client = Session(
@@ -157,7 +157,7 @@ class ApiClient:
             # Only the upstream's own "no such task" is final; a bare 404 is as likely
             # a wrong base URL, and must not write off every task for good.
             try:
-                parse_task(task_id, body)
+                parse_task(task_id, body, secret=self._key)
             except TaskNotFound:
                 raise
             except QueryError:
@@ -169,7 +169,7 @@ class ApiClient:
         if status >= 400:
             raise QueryError(f"the API answered HTTP {status}{self._detail(body)}", task_id=task_id)
         try:
-            return parse_task(task_id, body)
+            return parse_task(task_id, body, secret=self._key)
         except ApiErrorCode as exc:
             if exc.code.startswith("UnauthorizedOperation"):
                 raise Forbidden(
@@ -199,12 +199,16 @@ class ApiClient:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 return response.status, retry_after, bytes(body)
         except UntrustedCertificate as exc:
-            raise Unreachable(f"query failed: {exc}", task_id=task_id) from exc
+            raise Unreachable(
+                f"query failed: {redact(str(exc), self._key)}", task_id=task_id
+            ) from exc
         except HttpError as exc:
+            # aiohttp's words for a malformed head may quote the server's bytes.
+            reason = redact(str(exc), self._key)
             if not exc.retryable:
-                raise QueryError(f"query failed: {exc}", task_id=task_id) from exc
+                raise QueryError(f"query failed: {reason}", task_id=task_id) from exc
             blame = Blame.UNREACHABLE if isinstance(exc, ConnectFailed) else None
-            raise _Transient(str(exc), blame=blame) from exc
+            raise _Transient(reason, blame=blame) from exc
 
     def _detail(self, body: bytes) -> str:
         """The gateway's own message, if it sent one, with the key blotted out."""
@@ -213,9 +217,9 @@ class ApiClient:
             message = document["error"]["message"]
         except (ValueError, KeyError, TypeError, RecursionError):
             return ""
-        if not isinstance(message, str) or not one_line(message):
+        if not isinstance(message, str) or not server_text(message, self._key):
             return ""
-        return ": " + one_line(message).replace(self._key, "***")[:200]
+        return ": " + server_text(message, self._key)[:200]
 
 
 _BLAMES: dict[type[QueryError], Blame] = {
@@ -223,7 +227,3 @@ _BLAMES: dict[type[QueryError], Blame] = {
     NoQueryPath: Blame.NO_PATH,
     Unreachable: Blame.UNREACHABLE,
 }
-
-
-def _redacted(text: str, key: str) -> str:
-    return text.replace(key, "***") if key else text

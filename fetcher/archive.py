@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .durable import fsync_dir, make_folders
 from .errors import ArchiveError, LockedError
 
 META_DIR = ".fetcher"
@@ -37,6 +38,8 @@ class Archive:
         self.root = root.expanduser().absolute()
         self.meta_dir = self.root / META_DIR
         self.work_dir = self.meta_dir / "work"
+        #: Damaged copies a repair replaced, at their archive-relative paths.
+        self.quarantine_dir = self.meta_dir / "quarantine"
         self.db_path = self.meta_dir / "state.sqlite"
         self.lock_path = self.meta_dir / "lock"
         self._root_real: Path | None = None
@@ -49,7 +52,7 @@ class Archive:
     def prepare(self) -> None:
         """Create the archive's folders and clear work files a killed run left behind."""
         try:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            make_folders(self.work_dir)
         except OSError as exc:
             raise ArchiveError(f"cannot create archive {str(self.root)!r}: {exc.strerror}") from exc
 
@@ -174,7 +177,7 @@ class Archive:
         folder = relative.parent
         key = "/" + str(folder) if folder.parts else ""
         if key and key not in self._checked:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(target.parent)
             for depth in range(1, len(folder.parts) + 1):
                 self._checked.add("/" + "/".join(folder.parts[:depth]))
         try:
@@ -182,7 +185,7 @@ class Archive:
         except FileNotFoundError:
             if not source.exists():
                 raise
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(target.parent)
             source.replace(target)
 
     def _real_root(self) -> Path:
@@ -199,10 +202,33 @@ class Archive:
         target = self.resolve(relative)
         try:
             self._move_into(work_file, target, relative)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise archive_error(exc, target) from exc
         return target
+
+    def quarantine(self, relative: PurePosixPath) -> PurePosixPath | None:
+        """Move the file at ``relative`` into ``.fetcher/quarantine/`` before it is replaced.
+
+        It keeps its relative path there; a name already taken gets ``.1``, ``.2``, ...
+        Returns where it went (archive-relative), or None when there was no file.
+        """
+        source = self.resolve(relative)
+        if not source.is_file():
+            return None
+        target = self.quarantine_dir.joinpath(*relative.parts)
+        try:
+            make_folders(target.parent)
+            stem, n = target.name, 0
+            while target.exists():
+                n += 1
+                target = target.with_name(f"{stem}.{n}")
+            source.replace(target)
+            fsync_dir(target.parent)
+            fsync_dir(source.parent)
+        except OSError as exc:
+            raise archive_error(exc, target) from exc
+        return PurePosixPath(target.relative_to(self.root).as_posix())
 
     def write_sidecar(self, folder: PurePosixPath, document: Mapping[str, Any]) -> Path:
         """Write the task's JSON sidecar through a temp file, so it is whole or absent."""
@@ -216,7 +242,7 @@ class Archive:
                 handle.flush()
                 os.fsync(handle.fileno())
             self._move_into(temp, target, relative)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise archive_error(exc, target) from exc
@@ -238,12 +264,3 @@ def archive_error(exc: OSError, path: Path) -> ArchiveError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ArchiveError(f"archive not writable: {str(path)!r} ({exc.strerror})")
     return ArchiveError(f"cannot write {str(path)!r}: {exc.strerror or exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry is data too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

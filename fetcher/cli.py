@@ -13,12 +13,13 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from . import __version__
 
@@ -37,10 +38,13 @@ from .errors import (
     UsageError,
 )
 
+_T = TypeVar("_T")
+
 _SETTING_FLAGS = (
     "archive",
     "base_url",
     "api_key",
+    "api_key_file",
     "concurrency",
     "downloads",
     "timeout",
@@ -53,7 +57,16 @@ _SETTING_FLAGS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """A bad flag is a usage error like any other: one ``fetcher: error:`` line, exit 2."""
+    """A bad flag is a usage error like any other: one ``fetcher: error:`` line, exit 2.
+
+    Abbreviations are refused (``--pend`` is not ``--pending``): a flag added
+    later must not change what an old cron line means. Subcommands' parsers are
+    of this class too, so the rule holds for every command.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"fetcher: error: {message} (see '{self.prog} --help')\n")
@@ -114,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show what the archive holds", description="Show what the archive holds."
     )
     status.add_argument("--json", action="store_true", help="print JSON on stdout")
-    status.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit",
+        type=_count,
+        default=20,
+        metavar="N",
+        help="show at most N entries of each list (default 20)",
+    )
+    shown.add_argument("--all", action="store_true", help="show every entry of each list")
+    status.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
 
     verify = commands.add_parser(
@@ -128,8 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="download again the missing or corrupt files whose URL has not expired",
     )
+    verify.add_argument(
+        "--accept-changed",
+        action="store_true",
+        help="with --repair: let bytes the host now serves differently replace the archived ones",
+    )
     verify.add_argument("--json", action="store_true", help="print JSON on stdout")
-    verify.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    verify.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     verify.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     output = verify.add_argument_group("output")
     output.add_argument("-q", "--quiet", action="store_true", help="print nothing when all is well")
@@ -142,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a replica of the gateway and file host on loopback, archive "
         "sample_tasks.txt into a fresh folder, and show the result.",
     )
-    demo.add_argument("--archive", type=Path, metavar="DIR", help="folder to archive into")
+    demo.add_argument("--archive", type=_folder, metavar="DIR", help="folder to archive into")
     demo.add_argument(
         "--serve",
         action="store_true",
@@ -152,11 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """A whole number, 0 or more; anything else is a usage error naming the flag."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 0 or more")
+    return int(text)
+
+
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag > FETCHER_<NAME> > config file > default)")
-    group.add_argument("--archive", type=Path, metavar="DIR", help="archive folder")
+    group.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     group.add_argument("--base-url", metavar="URL", help="the gateway's origin")
-    group.add_argument("--api-key", metavar="KEY", help="API key (prefer FETCHER_API_KEY)")
+    group.add_argument(
+        "--api-key", metavar="KEY", help="API key (prefer --api-key-file: argv is visible)"
+    )
+    group.add_argument(
+        "--api-key-file", metavar="FILE", help="read the API key from FILE's first line"
+    )
     group.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     group.add_argument("--concurrency", type=int, metavar="N", help="queries in flight")
     group.add_argument("--downloads", type=int, metavar="N", help="downloads in flight")
@@ -166,15 +205,27 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         "--retry-wait", type=float, metavar="SECONDS", help="first backoff delay (doubles each try)"
     )
     group.add_argument("--rate", type=float, metavar="PER_SECOND", help="query rate limit")
-    group.add_argument("--max-file-size", type=int, metavar="BYTES", help="largest file accepted")
+    group.add_argument(
+        "--max-file-size", metavar="BYTES", help="largest file accepted (16GiB, 500MB, 1048576)"
+    )
     group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("-q", "--quiet", action="store_true", help="only problems")
-    group.add_argument("-v", "--verbose", action="store_true", help="also tasks already archived")
+    loudness = group.add_mutually_exclusive_group()  # -q -v would mean nothing sensible
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only problems")
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="also tasks already archived"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _folder(text: str) -> str:
+    """A folder flag's value: an empty one would silently mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path is not a folder")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,6 +368,7 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
         wait_lock=wait_lock,
     )
     with _progress(args) as shown:
+        _warn_if_key_in_clear(settings)
         progress = JsonLinesProgress(shown, sys.stdout) if args.json_lines else shown
         signum = asyncio.run(_fetch_until_signal(settings, sources, options, progress, summary))
     code = summary.exit_code if signum is None else 128 + signum
@@ -327,6 +379,19 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     return code
 
 
+def _warn_if_key_in_clear(settings: Settings) -> None:
+    """One line when the key is about to cross a network unencrypted (loopback is fine)."""
+    from .url import Url
+
+    api = Url.parse(settings.require_api()[0])
+    if api.in_clear:
+        logging.getLogger("fetcher").warning(
+            "warning: the API key goes to %s over plain http://, readable on the way;"
+            " use https:// if the gateway offers it",
+            api.authority,
+        )
+
+
 async def _fetch_until_signal(
     settings: Settings,
     sources: list[IdSource],
@@ -334,33 +399,18 @@ async def _fetch_until_signal(
     progress: Progress,
     summary: RunSummary,
 ) -> int | None:
-    """Run the fetch; the first SIGINT/SIGTERM winds it down, a second one kills.
+    """Run the fetch into ``summary``; the first SIGINT/SIGTERM winds it down (also while it
+    waits for the lock), a second one kills. Returns the signal that stopped it, if any.
 
     Winding down keeps in-flight downloads for the next run and still reports.
     """
     from .pipeline import fetch
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        logging.getLogger("fetcher").warning(
-            "%s: stopping; downloads in flight are kept for the next run",
-            signal.Signals(signum).name,
-        )
-        stop.set()
-        loop.remove_signal_handler(signum)  # the next one gets the default: it kills
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await fetch(settings, sources, options, progress, stop=stop, summary=summary)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    return received[0] if received else None
+    _, signum = await _until_signal(
+        lambda stop: fetch(settings, sources, options, progress, stop=stop, summary=summary),
+        "stopping; downloads in flight are kept for the next run",
+    )
+    return signum
 
 
 def _own_stdin() -> BinaryIO:
@@ -376,7 +426,7 @@ def _own_stdin() -> BinaryIO:
 def _status(args: argparse.Namespace) -> int:
     from .status import archive_status
 
-    report = archive_status(_settings(args).archive)
+    report = archive_status(_settings(args).archive, limit=None if args.all else args.limit)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -385,18 +435,56 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify_archive
+    from .verify import verify
 
     settings = _settings(args)
+    if args.accept_changed and not args.repair:
+        raise UsageError("--accept-changed needs --repair")
     with _progress(args) as progress:
-        report = verify_archive(
-            settings.archive, repair=args.repair, settings=settings, progress=progress
+        report, signum = asyncio.run(
+            _until_signal(
+                lambda stop: verify(
+                    settings.archive,
+                    repair=args.repair,
+                    settings=settings,
+                    progress=progress,
+                    accept_changed=args.accept_changed,
+                    stop=stop,
+                ),
+                "stopping; a download in flight is kept for the next repair",
+            )
         )
+    code = report.exit_code if signum is None else 128 + signum
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    elif report.problems or not args.quiet:
+        print(json.dumps({**report.to_json(), "exit_code": code}, indent=2))
+    elif report.problems or not args.quiet or signum is not None:
         print("\n".join(report.lines()))
-    return report.exit_code
+    return code
+
+
+async def _until_signal(
+    work: Callable[[asyncio.Event], Awaitable[_T]], note: str
+) -> tuple[_T, int | None]:
+    """Run ``work(stop)``; the first SIGINT/SIGTERM sets ``stop`` (and logs ``note``), a
+    second one kills. Returns the result and the signal that stopped it, if any."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        logging.getLogger("fetcher").warning("%s: %s", signal.Signals(signum).name, note)
+        stop.set()
+        loop.remove_signal_handler(signum)  # the next one gets the default: it kills
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        result = await work(stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return result, (received[0] if received else None)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -406,7 +494,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.serve:
         return _serve_demo()
     with _progress(args) as progress:
-        result = run_demo(args.archive, progress)
+        result = run_demo(Path(args.archive) if args.archive else None, progress)
     print(summary_line(result.summary))
     print(
         "(the replica plays one task still running and one refused by moderation,"
@@ -421,7 +509,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print("Point it at the real gateway:")
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
-    print(f"  fetcher fetch task_ids.txt --archive {result.archive}")
+    print(f"  {_invocation()} fetch task_ids.txt --archive {shlex.quote(str(result.archive))}")
     return 0
 
 
@@ -433,13 +521,22 @@ def _serve_demo() -> int:
     with demo_replica() as replica:
         print("replica of the gateway and file host running; in another shell:")
         print(f"  export FETCHER_BASE_URL={replica.api_url} FETCHER_API_KEY={replica.api_key}")
-        print(f"  fetcher fetch {sample_tasks()} --archive demo-archive --json")
+        sample = shlex.quote(str(sample_tasks()))
+        print(f"  {_invocation()} fetch {sample} --archive demo-archive --json")
         print("Ctrl-C stops it.", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
+
+
+def _invocation() -> str:
+    """This fetcher as the user can run it again: a venv's script is not on PATH by itself."""
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "fetcher":
+        return shlex.quote(program)
+    return f"{shlex.quote(sys.executable)} -m fetcher"
 
 
 _COMMANDS = {"fetch": _fetch, "status": _status, "verify": _verify, "demo": _demo}

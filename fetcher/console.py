@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, TextIO
 
+from .sizes import format_size
 from .summary import Outcome, RunSummary, TaskOutcome
 
 log = logging.getLogger("fetcher")
@@ -114,9 +115,7 @@ class BarProgress(LogProgress):
         common: dict[str, Any] = {"file": out, "dynamic_ncols": True, "leave": True}
         self._tasks = tqdm(desc="tasks", unit="task", position=0, **common)
         self._files = tqdm(desc="files", unit="file", total=0, position=1, **common)
-        self._bytes = tqdm(
-            desc="bytes", unit="B", unit_scale=True, unit_divisor=1024, position=2, **common
-        )
+        self._bytes = _byte_bar(desc="bytes", position=2, **common)
         _TqdmAwareHandler.bars_active = True
 
     def task_done(self, outcome: TaskOutcome) -> None:
@@ -148,6 +147,27 @@ class BarProgress(LogProgress):
         _TqdmAwareHandler.bars_active = False
 
 
+#: The bytes bar in the summary's units: tqdm's own scaling would print ``kB`` for KiB
+#: and a rate in powers of 1000 beside a count in powers of 1024.
+_BYTE_BAR_FORMAT = "{desc}: {size} [{elapsed}, {speed}]"
+
+
+def _byte_bar(**options: Any) -> Any:
+    """A tqdm bar that counts bytes and shows them, and their rate, in KiB/MiB/GiB."""
+    from tqdm import tqdm
+
+    class ByteBar(tqdm):  # type: ignore[misc]  # tqdm ships no types
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            values: dict[str, Any] = super().format_dict
+            rate = values.get("rate")
+            values["size"] = format_size(values.get("n") or 0)
+            values["speed"] = f"{format_size(rate)}/s" if rate else "? B/s"
+            return values
+
+    return ByteBar(unit="B", bar_format=_BYTE_BAR_FORMAT, **options)
+
+
 def summary_line(summary: RunSummary) -> str:
     """The run in one line: what a cron mail's subject would want to say."""
     counts = summary.counts
@@ -165,9 +185,8 @@ def summary_line(summary: RunSummary) -> str:
         number, parts = totals.get(outcome, (counts[outcome], ""))
         if number:
             shown.append(f"{number} {outcome.value.replace('_', ' ')}{parts}")
-    files = (
-        f"{_count(summary.files_downloaded, 'file')}, {_size(summary.bytes_downloaded)} downloaded"
-    )
+    downloaded = format_size(summary.bytes_downloaded)
+    files = f"{_count(summary.files_downloaded, 'file')}, {downloaded} downloaded"
     verdict = "interrupted" if summary.interrupted else "with problems" if summary.failed else "ok"
     requests = _count(summary.requests, "request")
     if summary.archive:
@@ -183,12 +202,3 @@ def _parts(**parts: int) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"

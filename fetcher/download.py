@@ -12,6 +12,7 @@ up: the caller renames the verified work file into the archive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mimetypes
 import os
@@ -22,18 +23,20 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urljoin, urlsplit
 
-from aiohttp import ClientResponse
-
 from .api import USER_AGENT
+from .durable import fsync_dir, fsync_file, write_text_durably
 from .errors import DownloadError, FileExpired, FileGone, HttpError, IntegrityError
 from .models import RemoteFile, format_time, one_line
 from .retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
-from .sink import BLOCK, ShortWorkFile, WorkSink
+from .sink import ShortWorkFile, WorkSink
 from .transport import Session
 from .url import InvalidUrl, Url
+
+if TYPE_CHECKING:
+    from aiohttp import ClientResponse
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -106,7 +109,21 @@ class _WorkFile:
             # Checked again: a record written before validators were checked may hold
             # one the client refuses to send; without it the bytes are fetched anew.
             work.validator = checked_validator(data.get("validator"))
+        if work.validator is not None:
+            work.make_durable()
         return work
+
+    def make_durable(self) -> None:
+        """Before a resume builds on them: the partial bytes and their record on disk.
+
+        A run killed outright leaves them in the page cache only; the bytes the
+        resume appends are fsynced at the end, but a power cut before that could
+        take the older ones, or the record, back.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            fsync_file(self.path)
+        fsync_file(self.meta)
+        fsync_dir(self.path.parent)
 
     def size(self) -> int:
         try:
@@ -132,8 +149,9 @@ class _WorkFile:
     def record(self) -> None:
         """Name the response the work file's bytes come from (runs on the sink's thread)."""
         if self.validator is not None and not self.recorded:
-            self.meta.write_text(
-                json.dumps({"url": self.url, "validator": self.validator}), "utf-8"
+            # Durable before the partial bytes it names: a resume may rely on it.
+            write_text_durably(
+                self.meta, json.dumps({"url": self.url, "validator": self.validator})
             )
             self.recorded = True
 
@@ -382,7 +400,9 @@ class Downloader:
             async with WorkSink(
                 work.path, start, md5=remote.md5 is not None, before_partial=work.record
             ) as sink:
-                async for chunk in response.content.iter_chunked(BLOCK):
+                # Chunks as received, not re-joined to a size: the sink joins them into
+                # its blocks, and one copy of each byte on the loop is enough.
+                async for chunk, _ in response.content.iter_chunks():
                     if sink.size + len(chunk) > limit:
                         raise self._overrun(remote)
                     await sink.write(chunk)

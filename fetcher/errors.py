@@ -35,6 +35,8 @@ that task's outcome, so the rest of the run goes on::
     │                                 over the limits                          (not retried)
     └── UntrustedCertificate          the certificate does not verify          (not retried)
 
+    StepSpansAwait (AssertionError)   a state step awaited: a bug in fetcher, never caught
+
 :class:`HttpError` never leaves the API client or the downloader: they retry it
 or turn it into the task's :class:`QueryError` or :class:`DownloadError`. Its
 ``retryable`` says whether another attempt can change the answer.
@@ -219,3 +221,7 @@ class UntrustedCertificate(HttpError):
     """The host's TLS certificate does not verify against the trusted CAs."""
 
     retryable = False
+
+
+class StepSpansAwait(AssertionError):
+    """A state-database step awaited, or began inside another: a bug, never the user's doing."""

@@ -21,7 +21,8 @@ MAX_ID_LENGTH = 256
 READ_CHUNK = 256 * 1024
 #: A line longer than this is not kept whole: it is reported by its start.
 LONG_LINE = 64 * 1024
-_BOM = b"\xef\xbb\xbf"
+#: Byte-order marks of UTF-16, as Windows Notepad's "Unicode" and PowerShell 5's ``>`` write.
+_UTF16_BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -89,8 +90,14 @@ class IdSource:
         """Open ``path`` now, so an unreadable file is a usage error before any work starts."""
         try:
             stream = path.open("rb")
+            if path.is_file():  # a pipe (``<(generator)``) is checked as it is read instead
+                _refuse_utf16(str(path), stream.read(2))
+                stream.seek(0)
         except OSError as exc:
             raise InputError(f"cannot read task-ID file {str(path)!r}: {exc.strerror}") from exc
+        except InputError:
+            stream.close()
+            raise
         return cls(name=str(path), stream=stream, key=str(path.resolve()))
 
     @classmethod
@@ -151,6 +158,8 @@ def _stream_entries(source: IdSource, bookmark: Mark | None) -> Iterator[str | I
         long_head: bytes | None = None
         while chunk := read(READ_CHUNK):
             data = tail + chunk if tail else chunk
+            if offset == 0:  # ``data`` starts at the file's first byte until a line is done
+                _refuse_utf16(source.name, data[:2])
             cut = data.rfind(b"\n") + 1
             if not cut:
                 tail = data
@@ -189,6 +198,20 @@ def _stream_entries(source: IdSource, bookmark: Mark | None) -> Iterator[str | I
         raise InputError(f"cannot read task-ID file {source.name!r}: {exc.strerror}") from exc
     finally:
         stream.close()
+
+
+def _refuse_utf16(name: str, head: bytes) -> None:
+    """A UTF-16 list is refused whole, with a line saying so, not read as a page of bad IDs.
+
+    Lines are found and remembered (see :mod:`fetcher.bookmarks`) by their bytes,
+    with ``\\n`` as one byte; in UTF-16 it is two, and half the bytes are NULs.
+    """
+    kind = _UTF16_BOMS.get(head)
+    if kind is not None:
+        raise InputError(
+            f"task-ID list {name!r} is {kind} (Notepad's 'Unicode', PowerShell 5's '>');"
+            " save it as UTF-8"
+        )
 
 
 def _entries(

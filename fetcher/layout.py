@@ -26,6 +26,11 @@ _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
 _DATE_FIELDS = frozenset({"created", "finished"})
 _TEXT_FIELDS = frozenset({"task_id", "task_type", "model_name", "model_version"})
 FIELDS = _DATE_FIELDS | _TEXT_FIELDS
+#: The ``strftime`` codes of C99 plus Python's ``%f``: the ones every platform knows. Another
+#: code is passed through as text by glibc and means something else, or nothing, elsewhere.
+_STRFTIME_CODES = frozenset("aAbBcCdDeFgGhHIjmMnprRStTuUVwWxXyYzZf%")
+#: glibc's padding flags (``%-d``) are kept: layouts in use on Linux rely on them.
+_STRFTIME = re.compile(r"%([-_0^#]?)(.?)", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +85,23 @@ def _parse(template: str) -> list[tuple[str, str | None, str]]:
                 raise UsageError(f"layout field {{{name}}} is unknown (known: {known})")
             if conversion is not None or "{" in (spec or ""):
                 raise UsageError(f"layout field {{{name}}} may not use conversions or nesting")
+            if name in _DATE_FIELDS:
+                _check_strftime(name, spec or "")
             names.add(name)
         pieces.append((literal, name, spec or ""))
     if "task_id" not in names:
         raise UsageError("layout must contain {task_id}, so each task gets its own folder")
     return pieces
+
+
+def _check_strftime(name: str, spec: str) -> None:
+    for match in _STRFTIME.finditer(spec):
+        if match.group(2) not in _STRFTIME_CODES or (match.group(1) and match.group(2) == "%"):
+            code = match.group(0) if len(match.group(0)) > 1 else "a lone %"
+            raise UsageError(
+                f"layout field {{{name}:{spec}}}: unknown strftime code {code}"
+                " (use %Y, %m, %d, %H, %M, %S, %j, ... or %% for a percent sign)"
+            )
 
 
 def _render_field(fields: LayoutFields, name: str, spec: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from .errors import QueryError, ResponseError, TaskNotFound
 
@@ -152,6 +153,24 @@ def _finite_float(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every copy of ``secret`` replaced by ``***``: as sent and percent-encoded.
+
+    Server text (an error's ``Message``, a failed task's ``Message``) may echo the
+    request, key included, and it ends up printed, stored and in sidecars.
+    """
+    if not secret:
+        return text
+    for form in dict.fromkeys((secret, quote(secret, safe=""), quote(secret))):
+        text = text.replace(form, "***")
+    return text
+
+
+def server_text(value: object, secret: str | None) -> str:
+    """Free text from the server made fit for a reason: one line, the key blotted out."""
+    return redact(one_line(redact(str(value), secret)), secret)
+
+
 def one_line(text: str) -> str:
     """API text fit for a one-line reason, its control, format and separator characters blanked.
 
@@ -169,8 +188,12 @@ def format_time(value: datetime | None) -> str | None:
     return f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}Z"
 
 
-def parse_task(task_id: str, body: bytes) -> Task:
+def parse_task(task_id: str, body: bytes, *, secret: str | None = None) -> Task:
     """Turn a query response body into a :class:`Task`.
+
+    Every piece of server text that becomes a reason (an error's code and message,
+    a failed task's ``ErrCodeExt`` and ``Message``, an unknown status) has
+    ``secret``, the API key, blotted out.
 
     Raises :class:`TaskNotFound` for an unknown task, :class:`ApiErrorCode` for
     any other Tencent-style error and :class:`ResponseError` for a body that is
@@ -183,23 +206,23 @@ def parse_task(task_id: str, body: bytes) -> Task:
     response = _mapping(document, "Response", task_id)
     error = response.get("Error")
     if error is not None:
-        _raise_api_error(task_id, error)
-    return _parse_response(task_id, response)
+        _raise_api_error(task_id, error, secret)
+    return _parse_response(task_id, response, secret)
 
 
-def _raise_api_error(task_id: str, error: object) -> None:
+def _raise_api_error(task_id: str, error: object, secret: str | None) -> None:
     if not isinstance(error, Mapping):
         raise ResponseError("Response.Error is not an object", task_id=task_id)
-    code = one_line(str(error.get("Code") or "")) or "UnknownError"
-    message = one_line(str(error.get("Message") or "")) or "no message"
+    code = server_text(error.get("Code") or "", secret) or "UnknownError"
+    message = server_text(error.get("Message") or "", secret) or "no message"
     if code.startswith(NOT_FOUND_CODES):
         raise TaskNotFound(f"unknown task ({code}: {message})", task_id=task_id)
     raise ApiErrorCode(code, message, task_id=task_id)
 
 
-def _parse_response(task_id: str, response: Mapping[str, Any]) -> Task:
+def _parse_response(task_id: str, response: Mapping[str, Any], secret: str | None) -> Task:
     task_type, task_obj = _find_task_object(response, task_id)
-    status = str(response.get("Status") or task_obj.get("Status") or "").upper()
+    status = server_text(response.get("Status") or task_obj.get("Status") or "", secret).upper()
     created = parse_time(response.get("CreateTime"))
     finished = parse_time(response.get("FinishTime"))
     raw_input = task_obj.get("Input")
@@ -213,7 +236,7 @@ def _parse_response(task_id: str, response: Mapping[str, Any]) -> Task:
         finished=finished,
         input=task_input,
     )
-    failure = _failure(status, task_obj)
+    failure = _failure(status, task_obj, secret)
     if failure is not None:
         return replace(base, state=TaskState.FAILED, failure=failure)
     if status in ("WAITING", "PROCESSING", ""):
@@ -237,7 +260,7 @@ def _find_task_object(response: Mapping[str, Any], task_id: str) -> tuple[str, M
     raise ResponseError("response holds no task object", task_id=task_id)
 
 
-def _failure(status: str, task_obj: Mapping[str, Any]) -> str | None:
+def _failure(status: str, task_obj: Mapping[str, Any], secret: str | None) -> str | None:
     """A failed task still says FINISH at the top; the truth is in the task object."""
     inner = str(task_obj.get("Status") or "").upper()
     err_code = task_obj.get("ErrCode")
@@ -245,7 +268,7 @@ def _failure(status: str, task_obj: Mapping[str, Any]) -> str | None:
     if not (failed_code or inner == "FAIL" or status == "ABORTED"):
         return None
     parts = [
-        one_line(str(part))
+        server_text(part, secret)
         for part in (
             "aborted" if status == "ABORTED" else None,
             f"ErrCode {err_code}" if failed_code else None,

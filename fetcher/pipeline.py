@@ -34,6 +34,7 @@ from .api import ApiClient
 from .archive import Archive, archive_error
 from .bookmarks import NO_FILE, BookmarkTracker
 from .config import Settings
+from .dedup import FirstSight
 from .download import Downloaded, Downloader
 from .errors import (
     FetcherError,
@@ -49,6 +50,7 @@ from .errors import (
 from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .layout import Layout, LayoutFields
+from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState
 from .progress import NullProgress, Progress
 from .retry import RetryPolicy
@@ -190,6 +192,7 @@ class _Run:
         self.layout = layout
         self.summary = summary
         self._bookmarks = BookmarkTracker()
+        self._seen = FirstSight(db)
         self._seq = itertools.count()
         #: Tasks handed to the query workers: the run's number of queries, once read.
         self._queued = 0
@@ -222,7 +225,7 @@ class _Run:
         saved = (
             {}
             if self.options.retry_failed or not files
-            else {mark.source: mark for mark, _ in self.db.bookmarks() if mark.source in files}
+            else {mark.source: mark for mark, _ in bookmarks(self.db) if mark.source in files}
         )
         try:
             async with api, downloader:
@@ -239,7 +242,7 @@ class _Run:
         if not self.options.dry_run:
             # Interrupted too: whatever was settled before the first open task stays so.
             for reached in self._bookmarks.reached().values():
-                self.db.save_bookmark(reached)
+                save_bookmark(self.db, reached)
         return self.summary
 
     async def _workers(
@@ -318,7 +321,7 @@ class _Run:
         so a task left open keeps the next run reading from before each of them
         (see :mod:`fetcher.bookmarks`).
         """
-        fresh, known = self.db.first_sight(ids)
+        fresh, known = self._seen.first_sight(ids)
         before: list[str] = []
         for task_id in fresh:
             state = known.get(task_id)

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self
 
+from .durable import fsync_dir
+
 BLOCK = 1024 * 1024
 #: Blocks handed to the lanes and not yet written: the loop waits beyond this.
 IN_FLIGHT = 3
@@ -86,10 +88,13 @@ class WorkSink:
                     await self._settle()
                 finally:
                     # Even when cancelled: every block handed over is written before the
-                    # rest, so what is on disk is a prefix of the body, ready to resume.
+                    # rest, so what is on disk is a prefix of the body, ready to resume,
+                    # and fsynced (with its folder entry), since a resume relies on it.
                     await self._stop_lanes()
                     chunks, self._chunks = self._chunks, []
-                    await asyncio.to_thread(self._write, chunks, sync=False, close=True)
+                    await asyncio.to_thread(
+                        self._write, chunks, sync=False, close=True, durable=True
+                    )
         finally:
             self._close_lanes()
 
@@ -161,7 +166,17 @@ class WorkSink:
 
     # -- on a worker thread -------------------------------------------------------------
 
-    def _write(self, chunks: list[bytes], *, sync: bool, close: bool, md5: bool = True) -> None:
+    def _write(
+        self,
+        chunks: list[bytes],
+        *,
+        sync: bool,
+        close: bool,
+        md5: bool = True,
+        durable: bool = False,
+    ) -> None:
+        """Write ``chunks``; ``sync``: the whole file is here, fsync it; ``durable``: the
+        download stops short, fsync what is there (and its folder entry) for a resume."""
         try:
             if chunks or sync:
                 if self._before_partial is not None:
@@ -181,6 +196,10 @@ class WorkSink:
                 if sync:
                     handle.flush()
                     os.fsync(handle.fileno())
+            if durable and self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                fsync_dir(self.path.parent)
         finally:
             if close:
                 self._closed = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self, cast
+from typing import Self
 
-from .errors import ArchiveError
-from .ids import Mark
+from .errors import ArchiveError, StepSpansAwait
 from .layout import safe_segment
 from .models import RemoteFile, Task, format_time
 
-SCHEMA_VERSION = 1
 #: IDs looked up per statement (passed as one JSON array, so no variable limit).
 BATCH = 2000
 #: Page cache. Random lookups over a million tasks thrash SQLite's default 2 MB: the
@@ -34,49 +32,65 @@ BATCH = 2000
 #: 9.2 s with 48 MiB (hyperfine, 5 runs each), peak RSS 81 MiB. The cache only
 #: fills that far on archives that large.
 CACHE_KIB = 49152
+#: The oldest SQLite fetcher runs on: ``INSERT ... RETURNING`` (the de-duplication)
+#: came in 3.35.0; UPSERT (3.24), row values (3.15) and the JSON functions are older.
+MIN_SQLITE = (3, 35, 0)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id     TEXT PRIMARY KEY,
-    state       TEXT NOT NULL,      -- pending | incomplete | archived | failed | expired
-    final       INTEGER NOT NULL DEFAULT 0,  -- 1: the API's answer will not change
-    task_type   TEXT,
-    created_at  TEXT,
-    finished_at TEXT,
-    dir         TEXT,               -- the task's folder, relative to the archive root
-    reason      TEXT,
-    first_seen  TEXT NOT NULL,
-    updated_at  TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state);
-CREATE INDEX IF NOT EXISTS tasks_by_dir ON tasks (dir COLLATE NOCASE);
-CREATE TABLE IF NOT EXISTS files (
-    task_id      TEXT NOT NULL REFERENCES tasks (task_id),
-    idx          INTEGER NOT NULL,
-    url          TEXT NOT NULL,
-    expire_time  TEXT,
-    md5          TEXT,
-    state        TEXT NOT NULL,     -- wanted | done | failed | expired
-    path         TEXT,              -- relative to the archive root, once done
-    size         INTEGER,
-    sha256       TEXT,
-    content_type TEXT,
-    reason       TEXT,
-    PRIMARY KEY (task_id, idx)
-);
-CREATE TABLE IF NOT EXISTS lists (      -- see fetcher/bookmarks.py
-    source        TEXT PRIMARY KEY,     -- a list file's absolute path
-    settled_bytes INTEGER NOT NULL,     -- its beginning whose every task is settled
-    lines         INTEGER NOT NULL,
-    ids           INTEGER NOT NULL,
-    digest        TEXT NOT NULL,        -- SHA-256 of those bytes
-    updated_at    TEXT NOT NULL
-);
-"""
+#: The schema, as ordered migrations: entry ``n`` brings a database from
+#: ``PRAGMA user_version`` ``n`` to ``n + 1``, in one transaction, never dropping
+#: data. A change to the schema is a new entry at the end, never an edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: tasks and their files, as the first releases made them.
+    (
+        """CREATE TABLE IF NOT EXISTS meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        # Fetchers before user_version read this row and refuse a value over 1; it stays
+        # 1 for as long as they can still use the database.
+        "INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')",
+        """CREATE TABLE IF NOT EXISTS tasks (
+            task_id     TEXT PRIMARY KEY,
+            state       TEXT NOT NULL,      -- pending | incomplete | archived | failed | expired
+            final       INTEGER NOT NULL DEFAULT 0,  -- 1: the API's answer will not change
+            task_type   TEXT,
+            created_at  TEXT,
+            finished_at TEXT,
+            dir         TEXT,               -- the task's folder, relative to the archive root
+            reason      TEXT,
+            first_seen  TEXT NOT NULL,
+            updated_at  TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state)",
+        "CREATE INDEX IF NOT EXISTS tasks_by_dir ON tasks (dir COLLATE NOCASE)",
+        """CREATE TABLE IF NOT EXISTS files (
+            task_id      TEXT NOT NULL REFERENCES tasks (task_id),
+            idx          INTEGER NOT NULL,
+            url          TEXT NOT NULL,
+            expire_time  TEXT,
+            md5          TEXT,
+            state        TEXT NOT NULL,     -- wanted | done | failed | expired
+            path         TEXT,              -- relative to the archive root, once done
+            size         INTEGER,
+            sha256       TEXT,
+            content_type TEXT,
+            reason       TEXT,
+            PRIMARY KEY (task_id, idx)
+        )""",
+    ),
+    # 2: each list file's settled beginning (see fetcher/lists.py).
+    (
+        """CREATE TABLE IF NOT EXISTS lists (
+            source        TEXT PRIMARY KEY,     -- a list file's absolute path
+            settled_bytes INTEGER NOT NULL,     -- its beginning whose every task is settled
+            lines         INTEGER NOT NULL,
+            ids           INTEGER NOT NULL,
+            digest        TEXT NOT NULL,        -- SHA-256 of those bytes
+            updated_at    TEXT NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Task states.
 PENDING = "pending"
@@ -84,15 +98,8 @@ INCOMPLETE = "incomplete"
 ARCHIVED = "archived"
 FAILED = "failed"
 EXPIRED = "expired"
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What the database already knows of a task named in the input."""
-
-    state: str
-    final: bool
-    reason: str | None
+#: Every task state, in the order reports list them.
+STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,43 +133,101 @@ def now_text() -> str:
 
 
 class StateDB:
-    """The state database; a context manager that owns one connection."""
+    """The state database; a context manager that owns one connection.
+
+    Its rules are enforced, not hoped for: a step (:meth:`atomic`) cannot span an
+    ``await`` (:class:`~fetcher.errors.StepSpansAwait`); a group commit that fails
+    is raised by the next step, by the end of :meth:`grouped`, or at close; the
+    schema moves only through :data:`MIGRATIONS`; an SQLite older than
+    :data:`MIN_SQLITE` is refused at open. ``readonly`` opens without writing
+    anything, even on a read-only mount (``immutable`` when the folder cannot be
+    written), and without migrating: readers cope with older schemas.
+    """
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self._readonly = readonly
         self._conn: sqlite3.Connection | None = None
-        #: Tasks with a rowid up to this were in the database when the run began.
-        self._rowid_limit = 0
-        self._marks = bytearray(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: ArchiveError | None = None
+        self._failure_raised = False
+        #: Set while a step runs; a second step entering sees it.
+        self._in_step = False
+        #: Bumped once per loop turn that had steps (by the group commit or a sentinel).
+        self._turns = 0
+        #: The schema version found at open (after migrating, when writable).
+        self.version = 0
 
     def __enter__(self) -> Self:
+        require_sqlite(sqlite3.sqlite_version_info)
         try:
-            if self._readonly:
-                conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
-            else:
-                conn = sqlite3.connect(self.path, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-                )
-            # Temporary, so a read-only look (``fetch --dry-run``) can sort out duplicates too.
-            conn.execute("PRAGMA temp_store=MEMORY")
-            conn.execute("CREATE TEMP TABLE seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn = self._connect()
+            if not self._readonly:
+                self._migrate(conn)
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self.version = self._version(conn)
         except sqlite3.Error as exc:
             raise ArchiveError(f"cannot open state database {str(self.path)!r}: {exc}") from exc
         self._conn = conn
-        self._check_schema()
-        row = self._query_one("SELECT COALESCE(MAX(rowid), 0) FROM tasks")
-        self._rowid_limit = int(str(row[0])) if row else 0
-        self._marks = bytearray(self._rowid_limit // 8 + 1)
+        if self.version > SCHEMA_VERSION:
+            conn.close()
+            self._conn = None
+            raise ArchiveError(
+                f"state database {str(self.path)!r} has schema {self.version}; "
+                f"this fetcher knows up to {SCHEMA_VERSION}: upgrade fetcher"
+            )
         return self
+
+    def _connect(self) -> sqlite3.Connection:
+        """The connection, writable (WAL, synced commits) or read-only."""
+        if not self._readonly:
+            # sqlite3's own timeout is the busy timeout, set before a migration's BEGIN.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            return conn
+        if not self.path.is_file():
+            raise sqlite3.OperationalError("unable to open database file")
+        # A read-only folder (a backup, a read-only mount) cannot take the -shm file
+        # WAL readers need; with no -wal there is nothing outside the main file to
+        # read, so SQLite may treat it as immutable and create nothing.
+        wal = self.path.with_name(self.path.name + "-wal")
+        immutable = not os.access(self.path.parent, os.W_OK) and not _has_bytes(wal)
+        query = "mode=ro&immutable=1" if immutable else "mode=ro"
+        uri = f"{self.path.as_uri()}?{query}"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema up to :data:`SCHEMA_VERSION`, one migration per transaction."""
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._version(conn)
+                if version >= SCHEMA_VERSION:
+                    conn.execute("COMMIT")
+                    return
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        """``PRAGMA user_version``; for a database made before it was kept, what its tables say."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version:
+            return version
+        names = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "tasks" not in names or "tasks_by_dir" not in names:
+            # New, or the very first releases (no tasks_by_dir): migration 1 makes only
+            # what is missing (IF NOT EXISTS), so it runs over either.
+            return 0
+        return 2 if "lists" in names else 1
 
     def __exit__(
         self,
@@ -173,31 +238,50 @@ class StateDB:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if not self._failure_raised:
+            self._raise_failure(exc)
+
+    def _raise_failure(self, exc: BaseException | None) -> None:
+        """A failed group commit is raised (never lost), ``exc`` being what is under way.
+
+        Over another error it is raised too (that one stays as its context); a
+        KeyboardInterrupt or a cancellation keeps going, with the failure as a note.
+        """
+        failed = self._failed
+        if failed is None or exc is failed:
+            return
+        self._failure_raised = True
+        if exc is None or isinstance(exc, Exception):
+            raise failed
+        exc.add_note(f"also: {failed}")
 
     @property
     def conn(self) -> sqlite3.Connection:
         assert self._conn is not None, "StateDB used outside 'with'"
         return self._conn
 
-    def _check_schema(self) -> None:
-        row = self._query_one("SELECT value FROM meta WHERE key = 'schema_version'")
-        version = int(str(row[0])) if row else SCHEMA_VERSION
-        if version > SCHEMA_VERSION:
-            raise ArchiveError(
-                f"state database {str(self.path)!r} has schema {version}; "
-                f"this fetcher knows up to {SCHEMA_VERSION}: upgrade fetcher"
-            )
-
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
         """One step: all of it lands, or none of it does.
 
         Inside :meth:`grouped`, steps taken in the same turn of the event loop share
-        one transaction, committed as soon as the loop gets control back.
+        one transaction, committed as soon as the loop gets control back. A step must
+        not ``await``: another coroutine's steps would land inside it, and its turn's
+        commit would cut it in two. So a step that began inside another, or saw the
+        loop turn before it ended, is rolled back and raises
+        :class:`~fetcher.errors.StepSpansAwait`.
         """
         conn = self.conn
         if self._failed is not None:
+            self._failure_raised = True
             raise self._failed
+        if self._in_step:
+            raise StepSpansAwait(
+                "a state step began while another was open (one awaited, or steps nested)"
+            )
+        sentinel = self._watch_turn()
+        turn = self._turns
+        self._in_step = True
         try:
             if self._loop is None:
                 conn.execute("BEGIN IMMEDIATE")
@@ -207,17 +291,39 @@ class StateDB:
             conn.execute("SAVEPOINT step")
             try:
                 yield conn
+                if self._turns != turn:
+                    raise StepSpansAwait("a state step spanned an await: the loop turned inside it")
             except BaseException:
                 conn.execute("ROLLBACK TO step")
                 conn.execute("RELEASE step")
                 if self._loop is None:
                     conn.execute("ROLLBACK")
+                elif self._turns != turn:
+                    # The turn's commit was held back for this step: the loop takes it now.
+                    self._loop.call_soon(self._commit_group)
                 raise
             conn.execute("RELEASE step")
             if self._loop is None:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+        finally:
+            self._in_step = False
+            if sentinel is not None:
+                sentinel.cancel()
+
+    def _watch_turn(self) -> asyncio.Handle | None:
+        """Outside a group, on a running loop: a callback that tells a step the loop turned.
+
+        Inside a group the turn's commit does that job at no cost.
+        """
+        if self._loop is not None:
+            return None
+        loop = _running_loop()
+        return None if loop is None else loop.call_soon(self._turned)
+
+    def _turned(self) -> None:
+        self._turns += 1
 
     @contextmanager
     def grouped(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
@@ -227,20 +333,30 @@ class StateDB:
         COMMIT, three of each per task; on a disk, each COMMIT is also an fsync. A step
         still lands whole or not at all (a savepoint each), and the order of commits
         is the order of steps; a kill can lose only the steps of the turn it hit,
-        which the next run does again.
+        which the next run does again. The last group's commit happens on the way
+        out; if it fails, that is raised here, over any other error.
         """
         self._loop = loop
         try:
             yield
-        finally:
+        except BaseException as exc:
             self._loop = None
             self._commit_group()
-        if self._failed is not None:
-            raise self._failed
+            self._raise_failure(exc)
+            raise
+        self._loop = None
+        self._commit_group()
+        self._raise_failure(None)
 
     def _commit_group(self) -> None:
         """Commit the turn's steps; a failure is raised by the next step (a loop callback
-        has no caller to raise to)."""
+        has no caller to raise to), or when the group or the database is closed.
+
+        A step still open means it awaited: its commit waits for it to end (and fail).
+        """
+        self._turns += 1
+        if self._in_step:
+            return
         if self._conn is not None and self._conn.in_transaction:
             try:
                 self._conn.execute("COMMIT")
@@ -249,83 +365,30 @@ class StateDB:
                     self._conn.execute("ROLLBACK")
                 self._failed = ArchiveError(f"state database {str(self.path)!r}: {exc}")
 
-    def _query_one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+    def query_one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+        """One row of a read (or a write with RETURNING); sqlite's errors made ArchiveError."""
         try:
             row: tuple[object, ...] | None = self.conn.execute(sql, params).fetchone()
         except sqlite3.Error as exc:
             raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
         return row
 
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """Every row of a read (or a write with RETURNING); sqlite's errors made ArchiveError."""
         try:
             return self.conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
 
+    def has_table(self, name: str) -> bool:
+        """Whether the schema has ``name``: a read-only open of an old archive is not migrated."""
+        return self.query_one("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)) is not None
+
     # -- input ------------------------------------------------------------------------
-
-    def first_sight(self, ids: Sequence[str]) -> tuple[list[str], dict[str, Known]]:
-        """Of ``ids``, those not seen before in this run, and what is known of them.
-
-        A cron list of a million archived IDs must not grow the process or crawl,
-        so no set of strings: a task the database held when the run began is
-        recognised again by one bit for its rowid (a million tasks: 125 KB), and
-        only IDs it did not hold go into a temporary table.
-        """
-        fresh: list[str] = []
-        known: dict[str, Known] = {}
-        for start in range(0, len(ids), BATCH):
-            chunk = list(dict.fromkeys(ids[start : start + BATCH]))
-            # The cron case is a million archived rows: they share one Known, and the
-            # columns come back as the types SQLite stores (TEXT, INTEGER) unconverted.
-            found = cast(
-                list[tuple[int, str, str, int, str | None]],
-                self._query(
-                    "SELECT rowid, task_id, state, final, reason FROM tasks "
-                    "WHERE task_id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(chunk),),
-                ),
-            )
-            rows = {
-                task_id: (
-                    rowid,
-                    _ARCHIVED
-                    if state == ARCHIVED and final and reason is None
-                    else Known(str(state), bool(final), _opt(reason)),
-                )
-                for rowid, task_id, state, final, reason in found
-            }
-            limit, marks = self._rowid_limit, self._marks
-            newcomers = [i for i in chunk if i not in rows or rows[i][0] > limit]
-            first_time = self._first_time(newcomers)
-            for task_id in chunk:
-                row = rows.get(task_id)
-                if row is not None and row[0] <= limit:
-                    # One bit per rowid: set means this run met the task already.
-                    byte, bit = row[0] >> 3, 1 << (row[0] & 7)
-                    if marks[byte] & bit:
-                        continue
-                    marks[byte] |= bit
-                elif task_id not in first_time:
-                    continue
-                fresh.append(task_id)
-                if row is not None:
-                    known[task_id] = row[1]
-        return fresh, known
-
-    def _first_time(self, task_ids: list[str]) -> set[str]:
-        """Of IDs the database did not hold at the start, those this run has not met yet."""
-        if not task_ids:
-            return set()
-        rows = self._query(
-            "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?) RETURNING task_id",
-            (json.dumps(task_ids),),
-        )
-        return {str(r[0]) for r in rows}
 
     def unfinished_ids(self) -> list[str]:
         """Tasks a ``--pending`` run re-queries: still running, or interrupted mid-download."""
-        rows = self._query(
+        rows = self.query(
             "SELECT task_id FROM tasks WHERE state IN (?, ?) ORDER BY first_seen",
             (PENDING, INCOMPLETE),
         )
@@ -434,44 +497,17 @@ class StateDB:
         with self.atomic() as conn:
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
 
-    def save_bookmark(self, mark: Mark) -> None:
-        """Remember how far ``mark.source`` is settled, for the next run to start there."""
-        with self.atomic() as conn:
-            conn.execute(
-                "INSERT INTO lists VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET "
-                "settled_bytes = excluded.settled_bytes, lines = excluded.lines, "
-                "ids = excluded.ids, digest = excluded.digest, updated_at = excluded.updated_at",
-                (mark.source, mark.offset, mark.lines, mark.ids, mark.digest, now_text()),
-            )
-
     # -- reading ----------------------------------------------------------------------
-
-    def bookmarks(self) -> list[tuple[Mark, str]]:
-        """Every remembered list file, with when it was last settled (a row per list file).
-
-        None in an archive made before lists were remembered (read-only, so no table).
-        """
-        has_table = self._query_one("SELECT 1 FROM sqlite_master WHERE name = 'lists'")
-        if has_table is None:
-            return []
-        rows = self._query(
-            "SELECT source, settled_bytes, lines, ids, digest, updated_at FROM lists "
-            "ORDER BY source"
-        )
-        return [
-            (Mark(str(source), int(str(size)), int(str(lines)), int(str(ids)), str(d)), str(at))
-            for source, size, lines, ids, d, at in rows
-        ]
 
     def files_of(self, task_id: str) -> list[FileRow]:
         return [
             _file_row(r)
-            for r in self._query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))
+            for r in self.query(_FILE_SELECT + " WHERE task_id = ? ORDER BY idx", (task_id,))
         ]
 
     def totals(self) -> tuple[int, int]:
         """Files in place and their bytes."""
-        row = self._query_one(
+        row = self.query_one(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE state = 'done'"
         )
         assert row is not None
@@ -481,7 +517,7 @@ class StateDB:
         """Done file rows in (task, index) order, a page at a time: a huge archive stays small."""
         after: tuple[str, int] = ("", -1)
         while True:
-            rows = self._query(
+            rows = self.query(
                 _FILE_SELECT + " WHERE state = 'done' AND (task_id, idx) > (?, ?) "
                 "ORDER BY task_id, idx LIMIT ?",
                 (*after, BATCH),
@@ -493,30 +529,41 @@ class StateDB:
             after = (page[-1].task_id, page[-1].index)
 
     def counts(self) -> dict[str, int]:
-        return {
+        """Tasks by state, every state named (zeros too), so a reader never guesses."""
+        found = {
             str(s): int(str(n))
-            for s, n in self._query("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+            for s, n in self.query("SELECT state, COUNT(*) FROM tasks GROUP BY state")
         }
+        return {state: found.pop(state, 0) for state in STATES} | found
 
     def tasks_in(
-        self, states: Sequence[str], order: str = "first_seen"
+        self, states: Sequence[str], order: str = "first_seen", limit: int | None = None
     ) -> list[tuple[object, ...]]:
+        """Tasks in ``states`` (at most ``limit`` of them, None: all), in ``order``."""
         marks = ",".join("?" * len(states))
-        return self._query(
+        return self.query(
             "SELECT task_id, state, task_type, created_at, first_seen, updated_at, reason "  # noqa: S608
-            f"FROM tasks WHERE state IN ({marks}) ORDER BY {order}",
-            tuple(states),
+            f"FROM tasks WHERE state IN ({marks}) ORDER BY {order} LIMIT ?",
+            (*states, -1 if limit is None else limit),
         )
 
-    def files_not_done(self, limit: int) -> list[FileRow]:
+    def files_not_done(self, limit: int | None) -> list[FileRow]:
+        """Files still to download that have an expiry, nearest first (``limit``: None is all)."""
         return [
             _file_row(r)
-            for r in self._query(
+            for r in self.query(
                 _FILE_SELECT + " WHERE state != 'done' AND expire_time IS NOT NULL "
                 "ORDER BY expire_time LIMIT ?",
-                (limit,),
+                (-1 if limit is None else limit,),
             )
         ]
+
+    def count_files_not_done(self) -> int:
+        """How many rows :meth:`files_not_done` would give without a limit."""
+        row = self.query_one(
+            "SELECT COUNT(*) FROM files WHERE state != 'done' AND expire_time IS NOT NULL"
+        )
+        return int(str(row[0])) if row else 0
 
 
 def _unclaimed(conn: sqlite3.Connection, task_id: str, folder: str) -> str:
@@ -549,19 +596,43 @@ def _file_row(row: tuple[object, ...]) -> FileRow:
         task_id=str(task_id),
         index=int(str(idx)),
         url=str(url),
-        expire_time=_opt(expire),
-        md5=_opt(md5),
+        expire_time=opt_text(expire),
+        md5=opt_text(md5),
         state=str(state),
-        path=_opt(path),
+        path=opt_text(path),
         size=None if size is None else int(str(size)),
-        sha256=_opt(sha256),
-        content_type=_opt(ctype),
-        reason=_opt(reason),
+        sha256=opt_text(sha256),
+        content_type=opt_text(ctype),
+        reason=opt_text(reason),
     )
 
 
-_ARCHIVED = Known(ARCHIVED, True, None)
+def require_sqlite(version: tuple[int, int, int]) -> None:
+    """Refuse an SQLite older than :data:`MIN_SQLITE`, in one line, before it fails mid-run."""
+    if version < MIN_SQLITE:
+        found = ".".join(map(str, version))
+        needed = ".".join(map(str, MIN_SQLITE))
+        raise ArchiveError(
+            f"SQLite {found} is too old: fetcher needs {needed} or newer "
+            "(Python's sqlite3 module uses the SQLite it was built with)"
+        )
 
 
-def _opt(value: object) -> str | None:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, or None in plain synchronous code."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _has_bytes(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def opt_text(value: object) -> str | None:
+    """A nullable TEXT column as ``str | None``."""
     return None if value is None else str(value)

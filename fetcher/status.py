@@ -13,8 +13,9 @@ from typing import Any
 
 from .archive import Archive
 from .errors import UsageError
+from .lists import bookmarks
 from .models import parse_time
-from .state import ARCHIVED, EXPIRED, FAILED, INCOMPLETE, PENDING, StateDB
+from .state import EXPIRED, FAILED, INCOMPLETE, PENDING, STATES, StateDB
 
 #: Tasks can be queried only for about this long after submission.
 QUERY_WINDOW = timedelta(days=3)
@@ -33,11 +34,14 @@ class StatusReport:
     expiring: list[dict[str, Any]]
     failures: list[dict[str, Any]]
     lists: list[dict[str, Any]]
+    #: Entries of each list (pending, expiring, failures) left out by the limit.
+    more: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "archive": self.archive,
             "counts": self.counts,
+            "more": self.more,
             "files_archived": self.files_archived,
             "bytes_archived": self.bytes_archived,
             "pending": self.pending,
@@ -50,7 +54,7 @@ class StatusReport:
         out = [f"archive: {self.archive}"]
         out.append(
             "tasks: "
-            + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in _STATES)
+            + ", ".join(f"{self.counts.get(s, 0)} {s}" for s in STATES)
             + f"; {self.files_archived} files, {self.bytes_archived} bytes archived"
         )
         out += _section(
@@ -60,6 +64,7 @@ class StatusReport:
                 f"{_left(p['queryable_for_seconds'], 'queryable')}"
                 for p in self.pending
             ],
+            self.more["pending"],
         )
         out += _section(
             "files not yet downloaded, nearest expiry first:",
@@ -68,9 +73,12 @@ class StatusReport:
                 f" ({_left(f['expires_in_seconds'], 'left')})"
                 for f in self.expiring
             ],
+            self.more["expiring"],
         )
         out += _section(
-            "failures:", [f"{f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures]
+            "failures:",
+            [f"{f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures],
+            self.more["failures"],
         )
         out += _section(
             "list files, read on from their settled beginning next time:",
@@ -83,16 +91,25 @@ class StatusReport:
         return out
 
 
-_STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+def _section(title: str, rows: list[str], more: int = 0) -> list[str]:
+    """A titled, indented block of the report; nothing at all when it has no rows.
 
-
-def _section(title: str, rows: list[str]) -> list[str]:
-    """A titled, indented block of the report; nothing at all when it has no rows."""
+    Rows the limit left out are counted at the end, with how to see them.
+    """
+    if more:
+        rows = [*rows, f"… and {more} more (--limit N or --all shows them)"]
     return [title, *(f"  {row}" for row in rows)] if rows else []
 
 
-def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
-    """Build the report for the archive at ``root``; a usage error if there is none."""
+def archive_status(
+    root: Path, now: datetime | None = None, limit: int | None = LIST_LIMIT
+) -> StatusReport:
+    """Build the report for the archive at ``root``; a usage error if there is none.
+
+    Each list (pending, expiring, failures) holds at most ``limit`` entries (None:
+    all of them); ``more`` counts the rest. The state is opened read-only, so a
+    backup or a read-only mount can be inspected.
+    """
     archive = Archive(root)
     if not archive.exists():
         raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
@@ -101,7 +118,7 @@ def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
         counts = db.counts()
         files, size = db.totals()
         pending = [
-            _pending_entry(row, now) for row in db.tasks_in((PENDING, INCOMPLETE))[:LIST_LIMIT]
+            _pending_entry(row, now) for row in db.tasks_in((PENDING, INCOMPLETE), limit=limit)
         ]
         expiring = [
             {
@@ -110,12 +127,17 @@ def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
                 "expire_time": row.expire_time,
                 "expires_in_seconds": _seconds_until(parse_time(row.expire_time), now),
             }
-            for row in db.files_not_done(LIST_LIMIT)
+            for row in db.files_not_done(limit)
         ]
         failures = [
             {"task_id": str(r[0]), "state": str(r[1]), "reason": r[6]}
-            for r in db.tasks_in((FAILED, EXPIRED), order="updated_at DESC")[:LIST_LIMIT]
+            for r in db.tasks_in((FAILED, EXPIRED), order="updated_at DESC", limit=limit)
         ]
+        more = {
+            "pending": counts[PENDING] + counts[INCOMPLETE] - len(pending),
+            "expiring": db.count_files_not_done() - len(expiring),
+            "failures": counts[FAILED] + counts[EXPIRED] - len(failures),
+        }
         lists = [
             {
                 "path": mark.source,
@@ -124,9 +146,11 @@ def archive_status(root: Path, now: datetime | None = None) -> StatusReport:
                 "ids": mark.ids,
                 "updated_at": updated_at,
             }
-            for mark, updated_at in db.bookmarks()
+            for mark, updated_at in bookmarks(db)
         ]
-    return StatusReport(str(archive.root), counts, files, size, pending, expiring, failures, lists)
+    return StatusReport(
+        str(archive.root), counts, files, size, pending, expiring, failures, lists, more
+    )
 
 
 def _pending_entry(row: tuple[object, ...], now: datetime) -> dict[str, Any]:

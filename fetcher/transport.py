@@ -22,10 +22,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Self
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Self
 
 from .errors import (
     BadResponse,
@@ -37,6 +34,13 @@ from .errors import (
 )
 from .models import one_line
 from .url import Url
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
+
+# aiohttp (about 0.15 s to import) is imported when a session first sends a
+# request, not with this module: a cron re-run over a settled list sends none.
 
 #: How much aiohttp buffers from the socket before it pauses reading (its default is
 #: 256 KiB): a download's blocks are 1 MiB, so fewer, larger reads per file.
@@ -98,6 +102,9 @@ class Session:
         aiohttp's failures, while the request is sent and while the caller reads the
         body inside the block, come out as :class:`~fetcher.errors.HttpError`.
         """
+        import aiohttp
+        from yarl import URL
+
         session = self._session or self._open()
         proxy = self._route(url)
         try:
@@ -113,6 +120,8 @@ class Session:
             raise translate(exc, url, proxy) from exc
 
     def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._connections)
         # The headers go with each request, never as the session's defaults: aiohttp
         # sends those to a proxy too, and turns an Authorization among them into the
@@ -145,6 +154,8 @@ class Session:
             if chosen is None or _bypassed(self._proxies.get("no", ""), url):
                 self._routes[origin] = None
             else:
+                from yarl import URL
+
                 self._routes[origin] = URL(chosen)
         return self._routes[origin]
 
@@ -154,6 +165,8 @@ def translate(exc: BaseException, url: Url, proxy: URL | None = None) -> HttpErr
 
     The texts are fetcher's own: aiohttp's may quote a proxy URL, password included.
     """
+    import aiohttp
+
     host = url.host
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         reason = getattr(exc.certificate_error, "verify_message", None) or "verification failed"
@@ -193,7 +206,7 @@ def _os_reason(exc: BaseException) -> str:
     return strerror or type(error).__name__
 
 
-def _payload_reason(exc: aiohttp.ClientPayloadError) -> str:
+def _payload_reason(exc: BaseException) -> str:
     """aiohttp's own words for a cut body (``received 10 of 1000 bytes``), without its code."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     text = getattr(cause, "message", None) or str(cause)

@@ -7,6 +7,7 @@ the client (and ``ssl``) at start-up.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
@@ -43,6 +44,22 @@ class Url:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the host is this machine: ``localhost`` or a loopback address."""
+        host = self.host.lower().rstrip(".")
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def in_clear(self) -> bool:
+        """Whether what is sent here can be read on the way: plain http to another machine."""
+        return self.scheme == "http" and not self.loopback
 
     def joined(self, quoted: str) -> Url:
         """This URL with ``quoted`` (already percent-encoded) added to its path."""

@@ -2,24 +2,35 @@
 
 Every file the database records as done is read again, in blocks of
 :data:`HASH_BLOCK` bytes so memory stays flat, and its size and SHA-256 are
-compared with the row. A plain check only reads: the database is opened
-read-only (WAL lets it run beside a fetch) and no lock is taken.
+compared with the row. The check only reads: the database is opened
+read-only (WAL lets it run beside a fetch; a read-only mount works too) and no
+lock is taken.
 
-A repair runs the whole check under the archive's lock, then downloads each
-missing or corrupt file again with the :class:`~fetcher.download.Downloader` a
-fetch uses (file host only: it never holds the API key), in the order a fetch
-commits a file: work file, verify, rename into the file's old place, sidecar,
-database row. A file whose URL has expired cannot be repaired; it is reported
-as such and left as it is.
+A repair takes the archive's lock only after the check, and only when something
+needs repairing. Under it each problem file is checked again, then downloaded
+again with the :class:`~fetcher.download.Downloader` a fetch uses (file host
+only: it never holds the API key), in the order a fetch commits a file: work
+file, verify, move the damaged copy to ``.fetcher/quarantine/``, rename into the
+file's old place, sidecar, database row. A file whose URL has expired cannot be
+repaired; it is reported as such and left as it is. Bytes that differ from the
+archived ones are a change at the host: they replace the archived copy only when
+the caller accepts changes, and the sidecar then keeps the first ``sha256`` as
+``original_sha256``.
+
+A stop event (the CLI sets it on SIGINT/SIGTERM) winds the run down between
+files: a download in flight keeps its bytes in the work folder, and the report
+says ``interrupted``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import json
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BufferedReader
@@ -46,13 +57,19 @@ class Problem(enum.StrEnum):
     MISSING = "missing"
     CORRUPT = "corrupt"
     REPAIRED = "repaired"
-    #: Downloaded again, but the host's bytes differ from the ones first archived.
+    #: Downloaded again, but the host's bytes differ from the ones first archived;
+    #: they replaced them (``--accept-changed``).
     REPLACED_DIFFERENT = "replaced-different"
+    #: The host now serves other bytes; without ``--accept-changed`` they are dropped
+    #: and the archived copy is left as it was.
+    CHANGED_AT_HOST = "changed-at-host"
     UNREPAIRABLE = "unrepairable"
 
 
 #: Outcomes that leave a file missing or corrupt after the run.
-_STILL_BROKEN = frozenset({Problem.MISSING, Problem.CORRUPT, Problem.UNREPAIRABLE})
+_STILL_BROKEN = frozenset(
+    {Problem.MISSING, Problem.CORRUPT, Problem.UNREPAIRABLE, Problem.CHANGED_AT_HOST}
+)
 
 
 class VerifyProgress(Protocol):
@@ -78,9 +95,13 @@ class FileProblem:
     #: ``found`` without ``--repair``; the repair's outcome with it.
     problem: Problem
     detail: str
+    #: Where the damaged copy went (archive-relative), when a repair replaced it.
+    quarantined: str | None = None
 
-    def settled(self, problem: Problem, note: str) -> FileProblem:
-        return replace(self, problem=problem, detail=f"{self.detail}; {note}")
+    def settled(self, problem: Problem, note: str, quarantined: str | None = None) -> FileProblem:
+        return replace(
+            self, problem=problem, detail=f"{self.detail}; {note}", quarantined=quarantined
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +111,7 @@ class FileProblem:
             "problem": self.problem.value,
             "found": self.found.value,
             "detail": self.detail,
+            "quarantined": self.quarantined,
         }
 
 
@@ -101,6 +123,9 @@ class VerifyReport:
     repair: bool
     checked: int
     problems: list[FileProblem]
+    accept_changed: bool = False
+    #: A stop request ended the run before every file was checked or repaired.
+    interrupted: bool = False
 
     @property
     def ok(self) -> int:
@@ -135,6 +160,8 @@ class VerifyReport:
         return {
             "archive": self.archive,
             "repair": self.repair,
+            "accept_changed": self.accept_changed,
+            "interrupted": self.interrupted,
             "checked": self.checked,
             "ok": self.ok,
             "missing": self.missing,
@@ -152,6 +179,8 @@ class VerifyReport:
         )
         if self.repair:
             counts += f"; {self.repaired} repaired, {self.unrepairable} unrepairable"
+        if self.interrupted:
+            counts += " (interrupted: the rest was not looked at)"
         out = [f"archive: {self.archive}", counts]
         if self.problems:
             out.append("problems:")
@@ -163,6 +192,10 @@ class VerifyReport:
             out.append(
                 "'fetcher verify --repair' downloads again the files whose URL has not expired"
             )
+        if any(p.problem is Problem.CHANGED_AT_HOST for p in self.problems):
+            out.append(
+                "'fetcher verify --repair --accept-changed' takes the host's new bytes instead"
+            )
         return out
 
 
@@ -172,36 +205,66 @@ def verify_archive(
     repair: bool,
     settings: Settings,
     progress: VerifyProgress | None = None,
+    accept_changed: bool = False,
+) -> VerifyReport:
+    """:func:`verify` from synchronous code."""
+    return asyncio.run(
+        verify(
+            root,
+            repair=repair,
+            settings=settings,
+            progress=progress,
+            accept_changed=accept_changed,
+        )
+    )
+
+
+async def verify(
+    root: Path,
+    *,
+    repair: bool,
+    settings: Settings,
+    progress: VerifyProgress | None = None,
+    accept_changed: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> VerifyReport:
     """Check every archived file at ``root`` against the database; with ``repair``, fix them.
 
     ``settings`` gives the download limits (timeout, retries, file size) and the
     API's origin, whose URLs a file row may not point at; no key is needed.
+    ``accept_changed`` lets bytes the host now serves differently replace the
+    archived ones. Setting ``stop`` winds the run down between files.
     Raises :class:`UsageError` when there is no archive at ``root``,
-    :class:`LockedError` when repairing while another run holds the lock, and
-    :class:`ArchiveError` when the archive cannot be read or written.
+    :class:`LockedError` when a repair is needed while another run holds the lock,
+    and :class:`ArchiveError` when the archive cannot be read or written.
     """
     archive = Archive(root)
     if not archive.exists():
         raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
     listener = progress or NullProgress()
-    if not repair:
-        with StateDB(archive.db_path, readonly=True) as db:
-            checked, problems = _check_all(archive, db, listener)
-        return VerifyReport(str(archive.root), repair, checked, problems)
+    halt = stop or asyncio.Event()
+
+    def report(checked: int, problems: list[FileProblem]) -> VerifyReport:
+        return VerifyReport(
+            str(archive.root), repair, checked, problems, accept_changed, halt.is_set()
+        )
+
+    with StateDB(archive.db_path, readonly=True) as db:
+        checked, problems = await _check_all(archive, db, listener, halt)
+    if not repair or not problems or halt.is_set():
+        return report(checked, problems)
     archive.prepare()
     with archive.lock(), StateDB(archive.db_path) as db:
-        checked, problems = _check_all(archive, db, listener)
-        if problems:
-            problems = asyncio.run(_repair_all(archive, db, settings, listener, problems))
-    return VerifyReport(str(archive.root), repair, checked, problems)
+        repairer = _Repairer(archive, db, settings, listener, accept_changed=accept_changed)
+        problems = await repairer.repair_all(problems, halt)
+    return report(checked, problems)
 
 
 # -- checking ---------------------------------------------------------------------------
 
 
-def _check_all(
-    archive: Archive, db: StateDB, progress: VerifyProgress
+async def _check_all(
+    archive: Archive, db: StateDB, progress: VerifyProgress, stop: asyncio.Event
 ) -> tuple[int, list[FileProblem]]:
     checked = 0
     problems: list[FileProblem] = []
@@ -209,6 +272,10 @@ def _check_all(
         for row in page:
             progress.file_queued(row.size)
         for row in page:
+            # One loop turn a file: a signal's handler runs, and the check stops there.
+            await asyncio.sleep(0)
+            if stop.is_set():
+                return checked, problems
             checked += 1
             problem = _check_file(archive, row, progress)
             if problem is not None:
@@ -256,76 +323,137 @@ def _sha256(handle: BufferedReader, progress: VerifyProgress) -> str:
 # -- repairing --------------------------------------------------------------------------
 
 
-async def _repair_all(
-    archive: Archive,
-    db: StateDB,
-    settings: Settings,
-    progress: VerifyProgress,
-    problems: list[FileProblem],
-) -> list[FileProblem]:
-    """Each problem settled as repaired, replaced-different or unrepairable, one at a time."""
-    downloader = Downloader(
-        timeout=settings.timeout,
-        policy=RetryPolicy(retries=settings.retries, base=settings.retry_wait),
-        max_file_size=settings.max_file_size,
-        api_origin=Url.parse(settings.base_url).origin if settings.base_url else None,
-        connections=1,
-        proxies=settings.proxies,
-        on_bytes=progress.bytes_received,
-    )
-    settled: list[FileProblem] = []
-    async with downloader:
-        for problem in problems:
-            progress.file_queued(problem.row.size)
-            settled.append(await _repair(archive, db, downloader, problem))
-            progress.file_done()
-    return settled
+class _Repairer:
+    """Settles each problem as repaired, replaced-different, changed-at-host or unrepairable."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        db: StateDB,
+        settings: Settings,
+        progress: VerifyProgress,
+        *,
+        accept_changed: bool,
+    ) -> None:
+        self.archive = archive
+        self.db = db
+        self.progress = progress
+        self.accept_changed = accept_changed
+        self.downloader = Downloader(
+            timeout=settings.timeout,
+            policy=RetryPolicy(retries=settings.retries, base=settings.retry_wait),
+            max_file_size=settings.max_file_size,
+            api_origin=Url.parse(settings.base_url).origin if settings.base_url else None,
+            connections=1,
+            proxies=settings.proxies,
+            on_bytes=progress.bytes_received,
+        )
+
+    async def repair_all(
+        self, problems: list[FileProblem], stop: asyncio.Event
+    ) -> list[FileProblem]:
+        """Each problem settled, one at a time; on ``stop``, the rest stay as found."""
+        settled: list[FileProblem] = []
+        async with self.downloader:
+            for problem in problems:
+                self.progress.file_queued(problem.row.size)
+                done = None if stop.is_set() else await _until(stop, self._repair(problem))
+                self.progress.file_done()
+                if done is None:
+                    return settled + problems[len(settled) :]
+                settled.append(done)
+        return settled
+
+    async def _repair(self, problem: FileProblem) -> FileProblem:
+        row = self._current(problem.row)
+        if row is None:
+            return problem.settled(Problem.UNREPAIRABLE, "its row changed under the repair")
+        if _check_file(self.archive, row, self.progress) is None:
+            return problem.settled(Problem.REPAIRED, "matches its row again (repaired meanwhile)")
+        expires = parse_time(row.expire_time)
+        if expires is not None and expires <= datetime.now(UTC):
+            return problem.settled(Problem.UNREPAIRABLE, f"its URL expired at {row.expire_time}")
+        if row.path is None:
+            return problem.settled(Problem.UNREPAIRABLE, "no path to put it back at")
+        relative = PurePosixPath(row.path)
+        try:
+            self.archive.resolve(relative)
+        except ArchiveError as exc:
+            return problem.settled(Problem.UNREPAIRABLE, str(exc))
+        remote = RemoteFile(index=row.index, url=row.url, expire_time=expires, md5=row.md5)
+        work = self.archive.work_path(row.task_id, row.index)
+        try:
+            got = await self.downloader.download(row.task_id, remote, work)
+        except TaskError as exc:
+            # A partial download stays in the work folder, as after a fetch: the next
+            # repair resumes it, and a fetch's clean-up drops it once it is stale.
+            return problem.settled(Problem.UNREPAIRABLE, f"download failed: {exc}")
+        except OSError as exc:
+            raise archive_error(exc, work) from exc
+        changed = row.sha256 is not None and got.sha256 != row.sha256
+        if changed and not self.accept_changed:
+            got.path.unlink(missing_ok=True)
+            return problem.settled(
+                Problem.CHANGED_AT_HOST,
+                f"the host now serves other bytes (sha256 {got.sha256}); "
+                "the archived copy is left as it was",
+            )
+        moved = self.archive.quarantine(relative)
+        self.archive.place(got.path, relative)
+        if changed:
+            outcome = Problem.REPLACED_DIFFERENT
+            note = f"downloaded again, but the host's bytes differ: sha256 {got.sha256}"
+            note += _update_sidecar(self.archive, relative, got, row.sha256)
+        else:
+            outcome, note = Problem.REPAIRED, f"downloaded again ({got.size} bytes, same sha256)"
+        if moved is not None:
+            note += f"; the damaged copy is in {moved}"
+        self.db.file_done(
+            row.task_id,
+            row.index,
+            path=row.path,
+            size=got.size,
+            sha256=got.sha256,
+            content_type=got.content_type,
+        )
+        return problem.settled(outcome, note, None if moved is None else str(moved))
+
+    def _current(self, row: FileRow) -> FileRow | None:
+        """The row as the database holds it now, under the lock (None: no longer done)."""
+        return next(
+            (
+                r
+                for r in self.db.files_of(row.task_id)
+                if r.index == row.index and r.state == "done"
+            ),
+            None,
+        )
 
 
-async def _repair(
-    archive: Archive, db: StateDB, downloader: Downloader, problem: FileProblem
-) -> FileProblem:
-    row = problem.row
-    expires = parse_time(row.expire_time)
-    if expires is not None and expires <= datetime.now(UTC):
-        return problem.settled(Problem.UNREPAIRABLE, f"its URL expired at {row.expire_time}")
-    if row.path is None:
-        return problem.settled(Problem.UNREPAIRABLE, "no path to put it back at")
-    relative = PurePosixPath(row.path)
+async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, FileProblem]) -> FileProblem | None:
+    """``work``'s result, or None when ``stop`` is set first (``work`` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        archive.resolve(relative)
-    except ArchiveError as exc:
-        return problem.settled(Problem.UNREPAIRABLE, str(exc))
-    remote = RemoteFile(index=row.index, url=row.url, expire_time=expires, md5=row.md5)
-    work = archive.work_path(row.task_id, row.index)
-    try:
-        got = await downloader.download(row.task_id, remote, work)
-    except TaskError as exc:
-        # A partial download stays in the work folder, as after a fetch: the next
-        # repair resumes it, and a fetch's clean-up drops it once it is stale.
-        return problem.settled(Problem.UNREPAIRABLE, f"download failed: {exc}")
-    except OSError as exc:
-        raise archive_error(exc, work) from exc
-    archive.place(got.path, relative)
-    if got.sha256 == row.sha256:
-        outcome, note = Problem.REPAIRED, f"downloaded again ({got.size} bytes, same sha256)"
-    else:
-        outcome = Problem.REPLACED_DIFFERENT
-        note = f"downloaded again, but the host's bytes differ: sha256 {got.sha256}"
-        note += _update_sidecar(archive, relative, got)
-    db.file_done(
-        row.task_id,
-        row.index,
-        path=row.path,
-        size=got.size,
-        sha256=got.sha256,
-        content_type=got.content_type,
-    )
-    return problem.settled(outcome, note)
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
-def _update_sidecar(archive: Archive, relative: PurePosixPath, got: Downloaded) -> str:
-    """Record the new size and checksum in the task's sidecar; a note when it cannot."""
+def _update_sidecar(
+    archive: Archive, relative: PurePosixPath, got: Downloaded, original: str | None
+) -> str:
+    """Record the new size and checksum in the task's sidecar; a note when it cannot.
+
+    ``original_sha256`` keeps the checksum of the bytes first archived, across any
+    number of accepted changes.
+    """
     folder = relative.parent
     try:
         document = json.loads(archive.resolve(folder / SIDECAR_NAME).read_text(encoding="utf-8"))
@@ -336,6 +464,8 @@ def _update_sidecar(archive: Archive, relative: PurePosixPath, got: Downloaded) 
     entries = [e for e in files if isinstance(e, dict) and e.get("path") == relative.name]
     if len(entries) != 1:
         return "; sidecar left as it was (no entry for the file)"
-    entries[0].update(size=got.size, sha256=got.sha256, content_type=got.content_type)
+    entry = entries[0]
+    entry.setdefault("original_sha256", entry.get("sha256") or original)
+    entry.update(size=got.size, sha256=got.sha256, content_type=got.content_type)
     archive.write_sidecar(folder, document)
     return "; sidecar updated"

@@ -11,6 +11,7 @@ from conftest import add_image_task, task_id
 
 from fetcher.config import Settings
 from fetcher.ids import IdSource, InvalidId, Mark, iter_entries
+from fetcher.lists import bookmarks
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, task_response
 from fetcher.state import StateDB
@@ -29,7 +30,7 @@ def queried(replica: Replica) -> list[str]:
 
 def saved(settings: Settings, path: Path) -> Mark | None:
     with StateDB(settings.archive / ".fetcher" / "state.sqlite") as db:
-        return next((m for m, _ in db.bookmarks() if m.source == str(path.resolve())), None)
+        return next((m for m, _ in bookmarks(db) if m.source == str(path.resolve())), None)
 
 
 @pytest.fixture

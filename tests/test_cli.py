@@ -89,7 +89,7 @@ def summary_json(result: Any) -> dict[str, Any]:
     return document
 
 
-def write_config(path: Path, mode: int = 0o600, **values: str) -> Path:
+def write_config(path: Path, mode: int = 0o600, **values: object) -> Path:
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     path.chmod(mode)
     return path
@@ -515,7 +515,7 @@ def test_undecodable_line_is_reported_not_fatal(
     tid = task_id(1)
     add_image_task(replica, tid)
     ids = tmp_path / "ids.txt"
-    ids.write_bytes(b"\xff\xfe-latin1-\xe9\n" + tid.encode() + b"\n")
+    ids.write_bytes(b"-latin1-\xe9\xff\xfe\n" + tid.encode() + b"\n")
 
     result = run_cli(["fetch", str(ids)], env=cli_env(replica, archive_dir))
 
@@ -629,7 +629,7 @@ def test_settings_precedence(
         api_key=replica.api_key,
         archive=str(archives["file"]),
         layout="by-file/{task_id}",
-        retry_wait="0.01",
+        retry_wait=0.01,
     )
     env = {"FETCHER_CONFIG": str(config)}
     args = ["fetch", "--id", tid]
@@ -892,7 +892,13 @@ def test_status_json_reports_counts_pending_and_failures(
 
     assert result.returncode == 0, result.stderr
     report = summary_json(result)
-    assert report["counts"] == {"archived": 1, "pending": 1, "failed": 1}
+    assert report["counts"] == {
+        "archived": 1,
+        "pending": 1,
+        "incomplete": 0,
+        "failed": 1,
+        "expired": 0,
+    }
     assert report["files_archived"] == 2
     assert report["bytes_archived"] == sum(
         len(b) for p, b in archived_files(archive_dir).items() if p.endswith(".png")

@@ -9,22 +9,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_image_task, add_video_task, archived_files, run, run_cli, task_id
+from conftest import (
+    add_image_task,
+    add_video_task,
+    archived_files,
+    process_env,
+    run,
+    run_cli,
+    task_id,
+)
 
 from fetcher.archive import Archive
 from fetcher.config import Settings
 from fetcher.errors import LockedError, UsageError
-from fetcher.replica import Replica, png
+from fetcher.replica import Fault, Replica, png
 from fetcher.verify import VerifyReport, verify_archive
 
 REPORT_KEYS = {
     "archive",
     "repair",
+    "accept_changed",
+    "interrupted",
     "checked",
     "ok",
     "missing",
@@ -34,7 +48,7 @@ REPORT_KEYS = {
     "exit_code",
     "problems",
 }
-PROBLEM_KEYS = {"task_id", "index", "path", "problem", "found", "detail"}
+PROBLEM_KEYS = {"task_id", "index", "path", "problem", "found", "detail", "quarantined"}
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -82,8 +96,12 @@ def truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:-7])
 
 
-def verify(settings: Settings, *, repair: bool = False) -> VerifyReport:
-    return verify_archive(settings.archive, repair=repair, settings=settings)
+def verify(
+    settings: Settings, *, repair: bool = False, accept_changed: bool = False
+) -> VerifyReport:
+    return verify_archive(
+        settings.archive, repair=repair, settings=settings, accept_changed=accept_changed
+    )
 
 
 def only_problem(report: VerifyReport) -> dict[str, Any]:
@@ -124,6 +142,7 @@ def test_deleted_file_is_missing(replica: Replica, settings: Settings) -> None:
         "problem": "missing",
         "found": "missing",
         "detail": "not on disk",
+        "quarantined": None,
     }
     assert report.exit_code == 1
     assert not files[1].exists()
@@ -242,30 +261,89 @@ def test_repair_never_sends_the_api_key(replica: Replica, settings: Settings) ->
         assert all(replica.api_key not in v for v in request.headers.values())
 
 
-def test_repair_with_different_bytes_is_replaced_different(
+def test_repair_with_different_bytes_is_changed_at_host_and_left_alone(
     replica: Replica, settings: Settings
 ) -> None:
-    """When the host now serves other bytes, they replace the file and its DB row and sidecar."""
+    """When the host now serves other bytes, plain --repair reports it and changes nothing."""
     files = fill(replica, settings)
     flip_byte(files[0])
+    damaged, rows_before = files[0].read_bytes(), file_rows(settings.archive)
+    sidecar_before = (files[0].parent / "task.json").read_bytes()
     new = png(20, 20, seed=99)
     replica.add_file(f"{task_id(1)}/image_0.png", new)
-    new_sha = hashlib.sha256(new).hexdigest()
 
     report = verify(settings, repair=True)
 
     entry = only_problem(report)
-    assert (entry["problem"], entry["found"]) == ("replaced-different", "corrupt")
-    assert new_sha in entry["detail"]
-    assert report.exit_code == 0
-    assert files[0].read_bytes() == new
-    assert (file_rows(settings.archive)[0]["sha256"], file_rows(settings.archive)[0]["size"]) == (
-        new_sha,
-        len(new),
-    )
-    sidecar = json.loads((files[0].parent / "task.json").read_text("utf-8"))
-    assert (sidecar["files"][0]["sha256"], sidecar["files"][0]["size"]) == (new_sha, len(new))
+    assert (entry["problem"], entry["found"]) == ("changed-at-host", "corrupt")
+    assert hashlib.sha256(new).hexdigest() in entry["detail"]
+    assert report.exit_code == 1
+    assert files[0].read_bytes() == damaged
+    assert file_rows(settings.archive) == rows_before
+    assert (files[0].parent / "task.json").read_bytes() == sidecar_before
+    assert "--accept-changed" in "\n".join(report.lines())
+
+
+def test_repair_accepting_changes_replaces_and_keeps_the_original_sha256(
+    replica: Replica, settings: Settings
+) -> None:
+    """accept_changed: new bytes replace file, row and sidecar; the first sha256 stays."""
+    files = fill(replica, settings)
+    first_sha = file_rows(settings.archive)[0]["sha256"]
+    damaged = bytearray(files[0].read_bytes())
+    damaged[0] ^= 0xFF
+    files[0].write_bytes(bytes(damaged))
+    sidecar = files[0].parent / "task.json"
+    for seed in (99, 100):  # two changes in a row: the original is the first one still
+        new = png(20, 20, seed=seed)
+        replica.add_file(f"{task_id(1)}/image_0.png", new)
+        new_sha = hashlib.sha256(new).hexdigest()
+        if seed == 100:
+            files[0].unlink()
+
+        report = verify(settings, repair=True, accept_changed=True)
+
+        entry = only_problem(report)
+        assert entry["problem"] == "replaced-different"
+        assert new_sha in entry["detail"]
+        assert report.exit_code == 0
+        assert files[0].read_bytes() == new
+        assert file_rows(settings.archive)[0]["sha256"] == new_sha
+        document = json.loads(sidecar.read_text("utf-8"))["files"][0]
+        assert (document["sha256"], document["size"]) == (new_sha, len(new))
+        assert document["original_sha256"] == first_sha
     assert verify(settings).exit_code == 0
+
+
+def test_repair_moves_a_corrupt_file_to_quarantine(replica: Replica, settings: Settings) -> None:
+    """A damaged copy is moved under .fetcher/quarantine/ at its relative path, never lost."""
+    files = fill(replica, settings)
+    relative = files[0].relative_to(settings.archive)
+    kept = settings.archive / ".fetcher" / "quarantine" / relative
+    damages = []
+    for _ in range(2):  # a second damage of the same file gets a name of its own
+        flip_byte(files[0])
+        damages.append(files[0].read_bytes())
+
+        entry = only_problem(verify(settings, repair=True))
+
+        assert entry["problem"] == "repaired"
+        assert verify(settings).exit_code == 0
+    assert kept.read_bytes() == damages[0]
+    assert kept.with_name(kept.name + ".1").read_bytes() == damages[1]
+    assert entry["quarantined"] == f".fetcher/quarantine/{relative}.1"
+
+
+def test_repair_checks_without_the_lock_and_takes_it_only_to_repair(
+    replica: Replica, settings: Settings
+) -> None:
+    """--repair over a clean archive works while a run holds the lock: nothing to repair."""
+    fill(replica, settings)
+
+    with Archive(settings.archive).lock():
+        report = verify(settings, repair=True)
+
+    assert (report.checked, report.ok, report.exit_code) == (3, 3, 0)
 
 
 def test_repair_while_locked_is_refused(replica: Replica, settings: Settings) -> None:
@@ -299,6 +377,7 @@ def test_verify_json_shape(replica: Replica, settings: Settings) -> None:
     for key in ("checked", "ok", "missing", "corrupt", "repaired", "unrepairable", "exit_code"):
         assert isinstance(document[key], int), key
     assert document["repair"] is False
+    assert (document["accept_changed"], document["interrupted"]) == (False, False)
     assert document["archive"] == str(settings.archive)
     assert [set(p) for p in document["problems"]] == [PROBLEM_KEYS]
     assert isinstance(document["problems"][0]["index"], int)
@@ -348,3 +427,50 @@ def test_cli_verify_without_an_archive_is_one_error_line(tmp_path: Path) -> None
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("fetcher: error: no fetcher archive at "), lines[0]
+
+
+def test_cli_accept_changed_without_repair_is_a_usage_error(
+    replica: Replica, settings: Settings
+) -> None:
+    """``verify --accept-changed`` alone changes nothing, so it is refused: exit 2, one line."""
+    fill(replica, settings)
+
+    result = run_cli(["verify", "--accept-changed", "--archive", str(settings.archive)])
+
+    assert result.returncode == 2
+    assert result.stderr == "fetcher: error: --accept-changed needs --repair\n"
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [
+        pytest.param(signal.SIGTERM, 143, id="sigterm"),
+        pytest.param(signal.SIGINT, 130, id="sigint"),
+    ],
+)
+def test_cli_verify_repair_winds_down_on_a_signal(
+    replica: Replica, settings: Settings, tmp_path: Path, signum: int, code: int
+) -> None:
+    """A signal during a repair's download exits 130/143 at once, with the report printed."""
+    (video,) = [f for f in fill(replica, settings) if f.suffix == ".mp4"]
+    video.unlink()
+    replica.fault(
+        "files", f"{task_id(2, 'AigcVideoTask')}/video.mp4", Fault(drop_after=1000, stall=60)
+    )
+    sent = len(replica.seen("files"))
+    command = [sys.executable, "-m", "fetcher", "verify", "--repair", "--json"]
+    env = process_env(replica, settings.archive, tmp_path)
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        deadline = time.monotonic() + 15
+        while len(replica.seen("files")) == sent and time.monotonic() < deadline:
+            time.sleep(0.02)  # polls for the request to arrive; the host then stalls
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=15)
+
+    assert proc.returncode == code, err
+    document = json.loads(out)
+    assert (document["interrupted"], document["exit_code"]) == (True, code)
+    assert [p["problem"] for p in document["problems"]] == ["missing"]
+    assert signal.Signals(signum).name in err
