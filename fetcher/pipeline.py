@@ -51,7 +51,7 @@ from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .layout import Layout, LayoutFields
 from .lists import bookmarks, save_bookmark
-from .models import RemoteFile, Task, TaskState
+from .models import RemoteFile, Task, TaskState, redact
 from .progress import NullProgress, Progress
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
@@ -235,7 +235,8 @@ class _Run:
             if isinstance(fatal, FetcherError):
                 raise fatal from None
             if not isinstance(fatal, _Stopped):
-                raise InternalError(f"internal error: {_bug(fatal)}") from fatal
+                text = _bug(fatal, self.settings.api_key)
+                raise InternalError(f"internal error: {text}") from fatal
             self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
@@ -366,7 +367,7 @@ class _Run:
             except FetcherError:
                 raise
             except Exception as exc:  # one task's bug is that task's failure
-                self._settle_failure(task_id, str(_task_bug(task_id, exc)), final=False)
+                self._settle_failure(task_id, self._bug_reason(task_id, exc), final=False)
             if self._held and api.first.settled:
                 self._release_held()
 
@@ -424,7 +425,7 @@ class _Run:
                     raise
                 except Exception as exc:  # one task's bug is that task's failure
                     self._settle_failure(
-                        job.task.task_id, str(_task_bug(job.task.task_id, exc)), final=False
+                        job.task.task_id, self._bug_reason(job.task.task_id, exc), final=False
                     )
 
     async def _download_one(
@@ -449,7 +450,7 @@ class _Run:
         except FetcherError:
             raise
         except Exception as exc:  # one file's bug is that file's failure
-            self._file_problem(job, remote, str(_task_bug(task_id, exc)), expired=False)
+            self._file_problem(job, remote, self._bug_reason(task_id, exc), expired=False)
             return
         relative = PurePosixPath(job.folder) / f"{remote.index:02d}{got.extension}"
         self.archive.place(got.path, relative)
@@ -541,6 +542,11 @@ class _Run:
 
     # -- bookkeeping --------------------------------------------------------------------
 
+    def _bug_reason(self, task_id: str, exc: Exception) -> str:
+        """One task's bug as its failure's reason; the traceback goes to the log for ``-v``."""
+        _log.debug("internal error on %s", task_id, exc_info=exc)
+        return str(TaskBug(f"internal error: {_bug(exc, self.settings.api_key)}", task_id=task_id))
+
     def _settle_failure(self, task_id: str, reason: str, *, final: bool) -> None:
         if not self.options.dry_run:
             self.db.record_failure(task_id, reason, final=final)
@@ -559,15 +565,9 @@ class _Run:
 _SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
 
 
-def _task_bug(task_id: str, exc: Exception) -> TaskBug:
-    """One task's bug as its failure, its traceback kept for ``-v``."""
-    _log.debug("internal error on %s", task_id, exc_info=exc)
-    return TaskBug(f"internal error: {_bug(exc)}", task_id=task_id)
-
-
-def _bug(exc: BaseException) -> str:
-    """A bug in one line: its type and the first line of its text."""
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+def _bug(exc: BaseException, secret: str | None) -> str:
+    """A bug in one line: its type and the first line of its text, the key blotted out."""
+    text = redact(str(exc).splitlines()[0], secret)[:200] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
