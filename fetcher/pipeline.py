@@ -37,6 +37,7 @@ from .config import Settings
 from .dedup import FirstSight
 from .download import Downloaded, Downloader
 from .errors import (
+    ArchiveError,
     FetcherError,
     FileExpired,
     FileGone,
@@ -421,6 +422,10 @@ class _Run:
             if job.remaining == 0:
                 try:
                     self._finish(job)
+                except ArchiveError as exc:
+                    if not _one_place(exc):
+                        raise
+                    self._settle_failure(job.task.task_id, str(exc), final=False)
                 except FetcherError:
                     raise
                 except Exception as exc:  # one task's bug is that task's failure
@@ -453,7 +458,14 @@ class _Run:
             self._file_problem(job, remote, self._bug_reason(task_id, exc), expired=False)
             return
         relative = PurePosixPath(job.folder) / f"{remote.index:02d}{got.extension}"
-        self.archive.place(got.path, relative)
+        try:
+            self.archive.place(got.path, relative)
+        except ArchiveError as exc:
+            if not _one_place(exc):
+                raise
+            got.path.unlink(missing_ok=True)
+            self._file_problem(job, remote, f"file {remote.index}: {exc}", expired=False)
+            return
         self.db.file_done(
             task_id,
             remote.index,
@@ -563,6 +575,13 @@ class _Run:
 
 #: Outcomes whose answer will not change by asking again.
 _SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
+
+
+def _one_place(exc: ArchiveError) -> bool:
+    """Whether a write failed for one task's place only (a file where its folder should
+    be, a name the filesystem refuses), not for the archive (full, read-only, denied)."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno not in _ARCHIVE_ERRNOS
 
 
 def _bug(exc: BaseException, secret: str | None) -> str:

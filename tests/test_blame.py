@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import add_image_task, archived_files, run, run_cli, task_id
+from conftest import add_image_task, add_video_task, archived_files, run, run_cli, task_id
 from test_cli import assert_one_error, cli_env
 from test_fetch import db_row, outcome_of
 
@@ -125,6 +125,31 @@ def test_a_bug_in_one_task_fails_that_task_and_the_run_goes_on(
     assert "internal error: ZeroDivisionError: a bug" in outcomes[bad]["reason"]
     assert "Traceback" in err and "ZeroDivisionError" in err
     assert db_row(archive_dir, bad) == ("failed", 0, outcomes[bad]["reason"])
+
+
+def test_a_file_where_a_tasks_folder_should_be_fails_that_task_only(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """An OS error for one task's place (a file where its folder should go) fails that task,
+    not the run: the other task is archived, and the next run archives it once mended."""
+    video, image = task_id(7, "AigcVideoTask"), task_id(8)
+    data = add_video_task(replica, video)
+    add_image_task(replica, image)
+    archive_dir.mkdir()
+    blocker = archive_dir / "AigcVideoTask"
+    blocker.write_text("in the way\n")
+
+    first = run(settings, video, image)
+
+    assert outcome_of(first, image).outcome is Outcome.ARCHIVED
+    got = outcome_of(first, video)
+    assert got.outcome is Outcome.FAILED
+    assert "AigcVideoTask" in str(got.reason)
+    assert first.exit_code == 1
+    blocker.unlink()
+    second = run(settings, video)
+    assert outcome_of(second, video).outcome is Outcome.ARCHIVED
+    assert data in archived_files(archive_dir).values()
 
 
 @pytest.mark.parametrize(
