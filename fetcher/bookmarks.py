@@ -59,6 +59,10 @@ class BookmarkTracker:
         if lines is not None and source:
             lines[source] = min(lines.get(source, index), index)
 
+    def asked(self, task_id: str) -> bool:
+        """Whether the task was handed to this run and is not settled yet."""
+        return task_id in self._open
+
     def settled(self, task_id: str) -> None:
         """The task's answer will not change: its line need not be read again."""
         self._open.pop(task_id, None)

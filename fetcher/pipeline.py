@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import itertools
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -54,6 +52,7 @@ from .layout import Layout, LayoutFields
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
 from .progress import NullProgress, Progress
+from .queue import FileQueue
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
 from .state import ARCHIVED, EXPIRED, FAILED, StateDB
@@ -85,32 +84,16 @@ class FetchOptions:
 
 
 @dataclass(slots=True)
-class _TaskJob:
-    """A finished task whose files are on their way; done when ``remaining`` is 0."""
+class _AskedAgain:
+    """A task queried a second time for a fresh URL: once a run, whichever file asks first."""
 
-    task: Task
-    folder: str
-    remaining: int
-    problems: list[str] = field(default_factory=list)
-    expired: int = 0
-    #: The task as a second query saw it, when a host dropped a file early; asked once.
-    fresh: Task | None = None
-    requeried: asyncio.Lock = field(default_factory=asyncio.Lock)
-    asked_again: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    done: bool = False
+    task: Task | None = None
 
 
 class _Stopped(Exception):
     """Internal: the caller's stop event was set (a signal); wind down and report."""
-
-
-@dataclass(order=True, slots=True)
-class _FileJob:
-    """A download-queue entry; earliest expiry first, then arrival order."""
-
-    expires: float
-    seq: int
-    job: _TaskJob | None = field(compare=False, default=None)
-    remote: RemoteFile | None = field(compare=False, default=None)
 
 
 def fetch_sync(
@@ -194,11 +177,17 @@ class _Run:
         self.summary = summary
         self._bookmarks = BookmarkTracker()
         self._seen = FirstSight(db)
-        self._seq = itertools.count()
         #: Tasks handed to the query workers: the run's number of queries, once read.
         self._queued = 0
         #: First queries' failures that may yet be the key's or the base URL's.
         self._held: list[tuple[str, TaskError]] = []
+        self._queue = FileQueue(db)
+        #: Set when a query queued files, and when the last query is done.
+        self._more = asyncio.Event()
+        self._queries_done = False
+        #: Second queries for tasks whose host dropped a file early: one per task, only
+        #: while that task has files in flight (at most ``--downloads`` entries).
+        self._fresh: dict[str, _AskedAgain] = {}
 
     async def execute(self, sources: Iterable[IdSource], stop: asyncio.Event | None) -> RunSummary:
         base_url, api_key = self.settings.require_api()
@@ -255,24 +244,27 @@ class _Run:
         saved: Mapping[str, Mark],
         stop: asyncio.Event | None,
     ) -> None:
-        n_queries, n_downloads = self.settings.concurrency, self.settings.downloads
+        n_queries = self.settings.concurrency
+        # A dry run downloads nothing, so it takes nothing from the queue either.
+        n_downloads = 0 if self.options.dry_run else self.settings.downloads
         queries: asyncio.Queue[str | None] = asyncio.Queue(maxsize=n_queries * 4)
-        files: asyncio.PriorityQueue[_FileJob] = asyncio.PriorityQueue(maxsize=n_downloads * 4)
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(_watch(stop)) if stop is not None else None
             group.create_task(self._feed(api, sources, saved, queries, n_queries))
             querying = [
-                group.create_task(self._query_worker(api, queries, files)) for _ in range(n_queries)
+                group.create_task(self._query_worker(api, queries)) for _ in range(n_queries)
             ]
             downloading = [
-                group.create_task(self._download_worker(api, downloader, files))
+                group.create_task(self._download_worker(api, downloader))
                 for _ in range(n_downloads)
             ]
             await asyncio.wait(querying)
             self._release_held()
-            for _ in range(n_downloads):
-                await files.put(_FileJob(math.inf, next(self._seq)))
-            await asyncio.wait(downloading)
+            # No query can queue a file now: a worker that finds the queue empty is done.
+            self._queries_done = True
+            self._more.set()
+            if downloading:
+                await asyncio.wait(downloading)
             if watcher is not None:
                 watcher.cancel()
 
@@ -350,12 +342,11 @@ class _Run:
         self,
         api: ApiClient,
         queries: asyncio.Queue[str | None],
-        files: asyncio.PriorityQueue[_FileJob],
     ) -> None:
         while (task_id := await queries.get()) is not None:
             try:
                 task = await api.query(task_id)
-                await self._dispatch(task, files)
+                self._dispatch(task)
             except (Forbidden, NoQueryPath, Unreachable) as exc:
                 if api.first.settled:
                     self._settle_failure(task_id, str(exc), final=exc.final)
@@ -378,7 +369,7 @@ class _Run:
         for task_id, exc in held:
             self._settle_failure(task_id, str(exc), final=exc.final)
 
-    async def _dispatch(self, task: Task, files: asyncio.PriorityQueue[_FileJob]) -> None:
+    def _dispatch(self, task: Task) -> None:
         dry = self.options.dry_run
         if task.state is TaskState.PENDING:
             if not dry:
@@ -390,81 +381,97 @@ class _Run:
         elif dry:
             self._outcome(TaskOutcome(task.task_id, Outcome.READY, files=len(task.files)))
         else:
-            await self._queue_files(task, files)
+            self._queue_files(task)
 
-    async def _queue_files(self, task: Task, files: asyncio.PriorityQueue[_FileJob]) -> None:
+    def _queue_files(self, task: Task) -> None:
+        """Record a finished task and queue its files; never waits for a download.
+
+        Files already in place stay so. Files still wanted may be in flight already,
+        queued by an earlier run: the task is finished by whichever settles its last.
+        """
+        if self.db.task_state(task.task_id) == ARCHIVED:
+            # Its files, queued by an earlier run, came down while this query was out.
+            return
         wanted = str(self.layout.render(_layout_fields(task)))
-        folder, done = self.db.start_task(task, wanted)
-        job = _TaskJob(task, folder, remaining=len(task.files))
+        _, done = self.db.start_task(task, wanted)
         for remote in task.files:
             kept = done.get(remote.index)
-            if kept is not None and kept.path and (self.archive.root / kept.path).is_file():
-                job.remaining -= 1
-            else:
-                # Requested even past its ExpireTime: only the host's refusal makes
-                # a file expired, never this machine's clock.
-                self.progress.file_queued(remote.size)
-                expires = remote.expire_time.timestamp() if remote.expire_time else math.inf
-                await files.put(_FileJob(expires, next(self._seq), job, remote))
-        if job.remaining == 0:
-            self._finish(job)
+            if kept is not None and not (kept.path and (self.archive.root / kept.path).is_file()):
+                self.db.requeue_file(task.task_id, remote.index)
+        # Requested even past its ExpireTime: only the host's refusal makes a file
+        # expired, never this machine's clock.
+        self._more.set()
+        self._settle_task(task.task_id)
 
     # -- downloads ----------------------------------------------------------------------
 
-    async def _download_worker(
-        self, api: ApiClient, downloader: Downloader, files: asyncio.PriorityQueue[_FileJob]
-    ) -> None:
-        while (item := await files.get()).job is not None:
-            job, remote = item.job, item.remote
-            assert remote is not None
-            await self._download_one(api, downloader, job, remote)
+    async def _download_worker(self, api: ApiClient, downloader: Downloader) -> None:
+        while True:
+            item = self._queue.claim()
+            if item is None:
+                if self._queries_done:
+                    return
+                self._more.clear()
+                await self._more.wait()
+                continue
+            self.progress.file_queued(item.remote.size)
+            try:
+                await self._download_one(api, downloader, item.task_id, item.remote)
+            finally:
+                self._queue.release(item)
             self.progress.file_done()
-            if job.remaining == 0:
-                try:
-                    self._finish(job)
-                except ArchiveError as exc:
-                    if not _one_place(exc):
-                        raise
-                    self._settle_failure(job.task.task_id, str(exc), final=False)
-                except FetcherError:
-                    raise
-                except Exception as exc:  # one task's bug is that task's failure
-                    self._settle_failure(
-                        job.task.task_id, self._bug_reason(job.task.task_id, exc), final=False
-                    )
+            self._settle_task(item.task_id)
+
+    def _settle_task(self, task_id: str) -> None:
+        """Finish the task when none of its files is left in the queue."""
+        if self.db.wanted_left(task_id):
+            return
+        self._fresh.pop(task_id, None)
+        try:
+            self._finish(task_id)
+        except ArchiveError as exc:
+            if not _one_place(exc):
+                raise
+            self._settle_failure(task_id, str(exc), final=False)
+        except FetcherError:
+            raise
+        except Exception as exc:  # one task's bug is that task's failure
+            self._settle_failure(task_id, self._bug_reason(task_id, exc), final=False)
 
     async def _download_one(
-        self, api: ApiClient, downloader: Downloader, job: _TaskJob, remote: RemoteFile
+        self, api: ApiClient, downloader: Downloader, task_id: str, remote: RemoteFile
     ) -> None:
-        task_id = job.task.task_id
         work = self.archive.work_path(task_id, remote.index)
         try:
-            got = await self._fetch_file(api, downloader, job, remote, work)
+            got = await self._fetch_file(api, downloader, task_id, remote, work)
         except FileExpired as exc:
-            self._file_problem(job, remote, str(exc), expired=True)
+            self._file_problem(task_id, remote, str(exc), expired=True)
             return
         except TaskError as exc:
-            self._file_problem(job, remote, str(exc), expired=False)
+            self._file_problem(task_id, remote, str(exc), expired=False)
             return
         except OSError as exc:
             if exc.errno in _ARCHIVE_ERRNOS:
                 raise archive_error(exc, work) from exc
             reason = f"file {remote.index}: {archive_error(exc, work)}"
-            self._file_problem(job, remote, reason, expired=False)
+            self._file_problem(task_id, remote, reason, expired=False)
             return
         except FetcherError:
             raise
         except Exception as exc:  # one file's bug is that file's failure
-            self._file_problem(job, remote, self._bug_reason(task_id, exc), expired=False)
+            self._file_problem(task_id, remote, self._bug_reason(task_id, exc), expired=False)
             return
-        relative = PurePosixPath(job.folder) / f"{remote.index:02d}{got.extension}"
         try:
+            folder = self.db.stored_task(task_id)
+            if folder is None:
+                raise InternalError(f"task {task_id} has queued files but no folder")
+            relative = PurePosixPath(folder[1]) / f"{remote.index:02d}{got.extension}"
             self.archive.place(got.path, relative)
         except ArchiveError as exc:
             if not _one_place(exc):
                 raise
             got.path.unlink(missing_ok=True)
-            self._file_problem(job, remote, f"file {remote.index}: {exc}", expired=False)
+            self._file_problem(task_id, remote, f"file {remote.index}: {exc}", expired=False)
             return
         self.db.file_done(
             task_id,
@@ -475,7 +482,6 @@ class _Run:
             content_type=got.content_type,
         )
         self.summary.files_downloaded += 1
-        job.remaining -= 1
 
     def _bytes_received(self, count: int) -> None:
         """Counted as they arrive, so an interrupted run still says what came down."""
@@ -486,71 +492,79 @@ class _Run:
         self,
         api: ApiClient,
         downloader: Downloader,
-        job: _TaskJob,
+        task_id: str,
         remote: RemoteFile,
         work: Path,
     ) -> Downloaded:
         """Download one file; if its host drops it before ``ExpireTime``, ask the API once more."""
         try:
-            return await downloader.download(job.task.task_id, remote, work)
+            return await downloader.download(task_id, remote, work)
         except FileGone as gone:
-            fresh = await self._fresh_copy(api, job, remote)
+            fresh = await self._fresh_copy(api, task_id, remote)
             if fresh is None:
                 raise
-            self.db.refresh_file(job.task.task_id, fresh)
+            self.db.refresh_file(task_id, fresh)
             try:
-                return await downloader.download(job.task.task_id, fresh, work)
+                return await downloader.download(task_id, fresh, work)
             except FileGone as again:
                 raise FileGone(
                     f"{again} (also after asking the API again)",
-                    task_id=job.task.task_id,
+                    task_id=task_id,
                     url=fresh.url,
                 ) from gone
 
     async def _fresh_copy(
-        self, api: ApiClient, job: _TaskJob, remote: RemoteFile
+        self, api: ApiClient, task_id: str, remote: RemoteFile
     ) -> RemoteFile | None:
         """The file as a second query describes it; one query per task, whatever fails."""
-        async with job.requeried:
-            if not job.asked_again:
-                job.asked_again = True
+        asked = self._fresh.setdefault(task_id, _AskedAgain())
+        async with asked.lock:
+            if not asked.done:
+                asked.done = True
                 try:
-                    job.fresh = await api.query(job.task.task_id)
+                    asked.task = await api.query(task_id)
                 except TaskError:
-                    job.fresh = None
-        if job.fresh is None or job.fresh.state is not TaskState.FINISHED:
+                    asked.task = None
+        fresh = asked.task
+        if fresh is None or fresh.state is not TaskState.FINISHED:
             return None
-        return next((f for f in job.fresh.files if f.index == remote.index), None)
+        return next((f for f in fresh.files if f.index == remote.index), None)
 
     def _file_problem(
-        self, job: _TaskJob, remote: RemoteFile, reason: str, *, expired: bool
+        self, task_id: str, remote: RemoteFile, reason: str, *, expired: bool
     ) -> None:
         state = EXPIRED if expired else FAILED
-        self.db.file_failed(job.task.task_id, remote.index, state=state, reason=reason)
-        job.problems.append(reason)
-        job.expired += expired
-        job.remaining -= 1
+        self.db.file_failed(task_id, remote.index, state=state, reason=reason)
 
-    def _finish(self, job: _TaskJob) -> None:
-        """Every file of the task is settled: write the sidecar, then commit."""
-        task_id = job.task.task_id
+    def _finish(self, task_id: str) -> None:
+        """Every file of the task is settled: write the sidecar, then commit.
+
+        The task is read back from the database (its files' rows, and what its
+        answer said), so nothing of it stayed in memory while its files queued.
+        """
+        stored = self.db.stored_task(task_id)
+        if stored is None:
+            return
+        task, folder = stored
         rows = self.db.files_of(task_id)
         count = sum(1 for r in rows if r.state == "done")
         if count:
-            self.archive.write_sidecar(
-                PurePosixPath(job.folder), build_sidecar(job.task, rows, job.folder)
-            )
-        if not job.problems:
+            self.archive.write_sidecar(PurePosixPath(folder), build_sidecar(task, rows, folder))
+        queued_only = not self._bookmarks.asked(task_id)
+        if queued_only:
+            self.summary.from_queue += 1
+        problems = [r for r in rows if r.state != "done"]
+        if not problems:
             self.db.mark_archived(task_id)
-            self._outcome(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=job.folder))
+            self._outcome(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
             return
-        reason = "; ".join(job.problems)
-        all_expired = job.expired == len(job.problems)
+        reason = "; ".join(r.reason or r.state for r in problems)
+        all_expired = all(r.state == EXPIRED for r in problems)
         self.db.record_failure(
             task_id, reason, final=all_expired, state=EXPIRED if all_expired else FAILED
         )
         outcome = Outcome.EXPIRED if all_expired else Outcome.FAILED
-        self._outcome(TaskOutcome(task_id, outcome, reason, files=count, folder=job.folder))
+        self._outcome(TaskOutcome(task_id, outcome, reason, files=count, folder=folder))
 
     # -- bookkeeping --------------------------------------------------------------------
 

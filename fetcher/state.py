@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -23,7 +24,7 @@ from typing import Self
 
 from .errors import ArchiveError, StepSpansAwait
 from .layout import safe_segment
-from .models import RemoteFile, Task, format_time
+from .models import RemoteFile, Task, TaskState, format_time, parse_time
 
 #: IDs looked up per statement (passed as one JSON array, so no variable limit).
 BATCH = 2000
@@ -88,6 +89,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             digest        TEXT NOT NULL,        -- SHA-256 of those bytes
             updated_at    TEXT NOT NULL
         )""",
+    ),
+    # 3: the download queue (fetcher/queue.py). A file row carries what a download
+    # needs without its task's answer in memory, and a task row what its sidecar
+    # needs; the index hands out the earliest-expiring wanted file, none-expiry last.
+    (
+        "ALTER TABLE files ADD COLUMN size_hint INTEGER",  # MetaData.Size, to check against
+        "ALTER TABLE files ADD COLUMN file_type TEXT",
+        "ALTER TABLE tasks ADD COLUMN detail TEXT",  # JSON: the answer's status and Input
+        "CREATE INDEX IF NOT EXISTS files_queue ON files (state, expire_time IS NULL, expire_time)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -446,6 +456,7 @@ class StateDB:
                 finished_at=format_time(task.finished),
                 dir=folder,
                 reason=None,
+                detail=json.dumps({"status": task.status, "input": dict(task.input)}),
             )
             for remote in task.files:
                 self._upsert_file(conn, task.task_id, remote)
@@ -455,12 +466,21 @@ class StateDB:
 
     def _upsert_file(self, conn: sqlite3.Connection, task_id: str, remote: RemoteFile) -> None:
         conn.execute(
-            "INSERT INTO files (task_id, idx, url, expire_time, md5, state) "
-            "VALUES (?, ?, ?, ?, ?, 'wanted') "
+            "INSERT INTO files (task_id, idx, url, expire_time, md5, size_hint, file_type, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'wanted') "
             "ON CONFLICT (task_id, idx) DO UPDATE SET url = excluded.url, "
             "expire_time = excluded.expire_time, md5 = excluded.md5, "
+            "size_hint = excluded.size_hint, file_type = excluded.file_type, "
             "state = CASE WHEN state = 'done' THEN 'done' ELSE 'wanted' END",
-            (task_id, remote.index, remote.url, format_time(remote.expire_time), remote.md5),
+            (
+                task_id,
+                remote.index,
+                remote.url,
+                format_time(remote.expire_time),
+                remote.md5,
+                remote.size,
+                remote.file_type,
+            ),
         )
 
     def refresh_file(self, task_id: str, remote: RemoteFile) -> None:
@@ -492,12 +512,59 @@ class StateDB:
                 (state, reason, task_id, index),
             )
 
+    def requeue_file(self, task_id: str, index: int) -> None:
+        """A file recorded done whose bytes are gone from the archive: wanted again."""
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE files SET state = 'wanted' WHERE task_id = ? AND idx = ?",
+                (task_id, index),
+            )
+
     def mark_archived(self, task_id: str) -> None:
         """The commit point: only after every file is in place and the sidecar written."""
         with self.atomic() as conn:
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
 
     # -- reading ----------------------------------------------------------------------
+
+    def task_state(self, task_id: str) -> str | None:
+        row = self.query_one("SELECT state FROM tasks WHERE task_id = ?", (task_id,))
+        return None if row is None else str(row[0])
+
+    def wanted_left(self, task_id: str) -> bool:
+        """Whether any of the task's files is still in the queue (claimed ones included)."""
+        row = self.query_one(
+            "SELECT 1 FROM files WHERE task_id = ? AND state = 'wanted' LIMIT 1", (task_id,)
+        )
+        return row is not None
+
+    def stored_task(self, task_id: str) -> tuple[Task, str] | None:
+        """The task as its sidecar needs it, and its folder, rebuilt from its row alone.
+
+        Downloads run from the queue, long after (or a run after) the answer was
+        read, so the answer is not kept in memory: what the sidecar says of it
+        (status, Input, times, type) was stored with the task's files.
+        """
+        row = self.query_one(
+            "SELECT task_type, created_at, finished_at, dir, detail FROM tasks WHERE task_id = ?",
+            (task_id,),
+        )
+        if row is None or row[3] is None:
+            return None
+        task_type, created, finished, folder, detail = row
+        stored = json.loads(str(detail)) if detail is not None else {}
+        stored = stored if isinstance(stored, dict) else {}
+        task_input = stored.get("input")
+        task = Task(
+            task_id=task_id,
+            task_type=str(task_type or ""),
+            state=TaskState.FINISHED,
+            status=str(stored.get("status") or "FINISH"),
+            created=parse_time(created),
+            finished=parse_time(finished),
+            input=task_input if isinstance(task_input, dict) else {},
+        )
+        return task, str(folder)
 
     def files_of(self, task_id: str) -> list[FileRow]:
         return [

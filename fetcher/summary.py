@@ -77,6 +77,9 @@ class RunSummary:
     unchanged: int = 0
     #: The archive's absolute path.
     archive: str | None = None
+    #: Tasks this run was not given whose files it took from the download queue an
+    #: earlier run left, and settled; each is also counted under its outcome.
+    from_queue: int = 0
 
     def add(self, outcome: TaskOutcome) -> None:
         self.counts[outcome.outcome] += 1
@@ -104,6 +107,7 @@ class RunSummary:
             already_archived=self.already_archived,
             failed=self.failed,
             unchanged=self.unchanged,
+            from_queue=self.from_queue,
             files_downloaded=self.files_downloaded,
             bytes_downloaded=self.bytes_downloaded,
             requests=self.requests,

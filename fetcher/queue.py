@@ -1,0 +1,99 @@
+"""The download queue: the archive's wanted file rows, earliest ``ExpireTime`` first.
+
+The queue is the ``files`` table itself, not a structure in memory: a file is
+queued by the step that records its task's answer and leaves the queue by the
+step that records it done, failed or expired. So queries never wait for
+downloads, a file about to expire is taken before any other in the whole
+archive (whatever run queued it), and a million queued files cost the process
+nothing but their rows on disk.
+
+A download worker *claims* a file in memory only: the run holds the archive's
+lock, so no other process takes from the queue, and a claim that a crash loses
+costs nothing, since the row is still ``wanted`` for the next run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .models import RemoteFile, parse_time
+from .state import StateDB, opt_text
+
+#: The queue's order, written out in each statement: earliest expiry first, files
+#: without an ExpireTime last, then the order they came in. It matches the
+#: ``files_queue`` index, so taking the head reads a few index entries.
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedFile:
+    """A file a download worker took from the queue."""
+
+    rowid: int
+    task_id: str
+    remote: RemoteFile
+
+
+@dataclass(frozen=True, slots=True)
+class HeadEntry:
+    """One file at the head of the queue, as ``status`` shows it."""
+
+    task_id: str
+    index: int
+    expire_time: str | None
+
+
+class FileQueue:
+    """The queue over one run's state database; claims live as long as the run."""
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        #: Rowids of files being downloaded now: at most ``--downloads`` of them.
+        self._claimed: set[int] = set()
+
+    def claim(self) -> QueuedFile | None:
+        """The earliest-expiring wanted file nobody in this run is downloading, or None."""
+        row = self._db.query_one(
+            "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type "
+            "FROM files WHERE state = 'wanted' "
+            "AND rowid NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1",
+            (json.dumps(sorted(self._claimed)),),
+        )
+        if row is None:
+            return None
+        rowid, task_id, idx, url, expire, md5, size, file_type = row
+        claimed = QueuedFile(
+            rowid=int(str(rowid)),
+            task_id=str(task_id),
+            remote=RemoteFile(
+                index=int(str(idx)),
+                url=str(url),
+                expire_time=parse_time(expire),
+                md5=opt_text(md5),
+                size=None if size is None else int(str(size)),
+                file_type=opt_text(file_type),
+            ),
+        )
+        self._claimed.add(claimed.rowid)
+        return claimed
+
+    def release(self, item: QueuedFile) -> None:
+        """The worker is done with ``item``, whatever became of it."""
+        self._claimed.discard(item.rowid)
+
+
+def queue_head(db: StateDB, limit: int | None) -> list[HeadEntry]:
+    """The next files a run would download, in order (``limit`` None: all of them)."""
+    rows = db.query(
+        "SELECT task_id, idx, expire_time FROM files WHERE state = 'wanted' "
+        "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT ?",
+        (-1 if limit is None else limit,),
+    )
+    return [HeadEntry(str(t), int(str(i)), opt_text(e)) for t, i, e in rows]
+
+
+def queue_length(db: StateDB) -> int:
+    """How many files the queue holds."""
+    row = db.query_one("SELECT COUNT(*) FROM files WHERE state = 'wanted'")
+    return int(str(row[0])) if row else 0
