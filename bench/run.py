@@ -11,7 +11,7 @@ added to its access logs). Two rows are yardsticks rather than rivals: curl maki
 fetcher's queries as well as its downloads, in (a), and ``md5sum`` over (c)'s file,
 the hashing that curl does not do.
 
-    python bench/run.py [--runs N] [--workloads a,b,c,d,e] [--out bench/out] [--quick]
+    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f] [--out bench/out] [--quick]
     python bench/run.py --profile --workloads a,b    # fetcher under py-spy instead
 
 Needs nginx, aria2c, curl and md5sum on PATH (``apt-get install -y nginx aria2 curl``)
@@ -161,6 +161,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "c": Workload("c", c_title, 1, c_size, (*TOOLS, MD5SUM, C64)),
         "d": Workload("d", "re-run of (a) over the finished archive", 2000, 0, ("fetcher",)),
         "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher", RERUN)),
+        "f": Workload("f", "100,000 new IDs, every one pending", 100_000, 0, ("fetcher",)),
     }
 
 
@@ -197,6 +198,8 @@ def shm_needed(selected: Sequence[Workload]) -> int:
     for w in selected:
         if w.key in ("d", "e"):  # an archive of about 500 MB, (e)'s re-run base, a run's copy
             peak = max(peak, 3 * 600 * MiB)
+        elif w.key == "f":  # 100,000 query answers of about 1.3 KB, and a run's archive
+            peak = max(peak, 300 * MiB)
         else:  # only (a)'s files are distinct; (b) hard-links one file; (c) adds a 64 MiB twin
             data = w.total_bytes if w.key == "a" else w.file_size
             peak = max(peak, data + w.total_bytes + 128 * MiB + kept)
@@ -296,6 +299,22 @@ def drop_download(bench: Bench, names: list[str]) -> None:
         ids = (bench.lists_dir / f"{name}.ids").read_text(encoding="utf-8").split()
         for tid in ids:
             (bench.api_dir / tid).unlink(missing_ok=True)
+
+
+def build_pending(bench: Bench, w: Workload) -> None:
+    """(f): a query answer per task that says ``PROCESSING``, and the list of their IDs."""
+    from fetcher.replica import task_response
+
+    ids = [task_id("f", "AigcVideoTask", n) for n in range(w.tasks)]
+    for tid in ids:
+        body = task_response(tid, task_type="AigcVideoTask", status="PROCESSING")
+        (bench.api_dir / tid).write_bytes(json.dumps(body).encode())
+    (bench.lists_dir / "f.ids").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+
+
+def drop_pending(bench: Bench) -> None:
+    for tid in (bench.lists_dir / "f.ids").read_text(encoding="utf-8").split():
+        (bench.api_dir / tid).unlink(missing_ok=True)
 
 
 def create_state(path: Path) -> None:
@@ -654,6 +673,11 @@ def check_summary(w: Workload, tool: str, summary: dict[str, object] | None) -> 
     """What fetcher's summary says it did, against what the workload asks of it."""
     if summary is None:
         return "no JSON summary on stdout"
+    if w.key == "f":
+        pending, sent = summary.get("pending"), summary.get("requests")
+        if pending != w.tasks or sent != w.tasks:
+            return f"pending={pending} requests={sent}"
+        return ""
     if w.key in ("d", "e"):
         # ``already_archived`` counts the IDs of a settled list that were not read again.
         settled = summary.get("already_archived")
@@ -751,6 +775,8 @@ def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None
         first = run_child(command(bench, "fetcher", "e", warm), bench.env, log_dir, RUN_TIMEOUT)
         if first.exit_code != 0:
             raise SystemExit(f"bench: the first fetcher run over (e) exited {first.exit_code}")
+    elif w.key == "f":
+        build_pending(bench, w)
     elif w.key == "d" and bench.d_base is None:
         say("  no (a) archive yet: one unmeasured fetcher run over (a) makes it")
         a = workloads(bench.args.quick)["a"]
@@ -766,6 +792,8 @@ def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None
             bench.results.append(m)
             say(describe(m))
     drop_download(bench, names)
+    if w.key == "f":
+        drop_pending(bench)
     if w.key == "e":
         shutil.rmtree(bench.work / "e-base", ignore_errors=True)
         shutil.rmtree(bench.work / "e-warm", ignore_errors=True)
@@ -1064,6 +1092,7 @@ def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[
     add("e", "fetcher peak RSS <= 100 MiB", rss("e", "fetcher"), 100.0, "MiB")
     add("e", "cron re-run wall <= 10 s", wall("e", RERUN), 10.0, "s")
     add("e", "cron re-run peak RSS <= 100 MiB", rss("e", RERUN), 100.0, "MiB")
+    add("f", "fetcher peak RSS <= 100 MiB (first run)", rss("f", "fetcher"), 100.0, "MiB")
     if help_wall is not None:
         met = help_wall < 0.3
         out.append(Target("help", "fetcher --help < 0.3 s", f"{help_wall:.3f} s", "0.3 s", met))
@@ -1149,9 +1178,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per tool and workload (default 5)")
     parser.add_argument(
         "--workloads",
-        default="a,b,c,d,e",
+        default="a,b,c,d,e,f",
         type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
-        help="comma-separated subset of a,b,c,d,e",
+        help="comma-separated subset of a,b,c,d,e,f",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="report folder")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, (c) 256 MiB")
@@ -1164,9 +1193,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and summarise where its samples go (OUT/profile-W.txt and .md)",
     )
     args = parser.parse_args(argv)
-    unknown = [k for k in args.workloads if k not in "abcde" or len(k) != 1]
+    unknown = [k for k in args.workloads if k not in "abcdef" or len(k) != 1]
     if unknown or not args.workloads:
-        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e")
+        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e,f")
     args.workloads = sorted(set(args.workloads))
     args.runs = args.runs or (1 if args.quick or args.profile else 5)
     return args

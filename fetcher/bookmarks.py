@@ -15,21 +15,36 @@ line). A task is asked about once a run, but each of its lines waits for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .ids import Mark
+from .state import StateDB
 
 #: Marks of sources that are not files: tasks read after one belong to no list file.
 NO_FILE = Mark("", 0, 0, 0, "")
 
 
 class BookmarkTracker:
-    """Follows one run's marks and unsettled tasks; :meth:`reached` is what to remember."""
+    """Follows one run's marks and unsettled tasks; :meth:`reached` is what to remember.
 
-    def __init__(self) -> None:
+    The unsettled tasks live in a temporary table of the run's database connection,
+    not in a dict: a first run over 100,000 new IDs that all stay pending holds every
+    one of them open to its end, and as Python objects they were a third of its memory.
+    """
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
         self._marks: dict[str, list[Mark]] = {}
         self._position: tuple[str, int] = ("", 0)
-        #: Task ID -> {list file: marks seen in it before the task's first line there},
-        #: for every task asked about and not settled yet, whatever its source.
-        self._open: dict[str, dict[str, int]] = {}
+        #: For every task asked about and not settled yet, whatever its source: a row
+        #: with source '' (it is open), and one per list file it was read from, with
+        #: the marks seen in that file before the task's first line there.
+        db.query(
+            "CREATE TEMP TABLE IF NOT EXISTS open_tasks (task_id TEXT NOT NULL, "
+            "source TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (task_id, source)) "
+            "WITHOUT ROWID"
+        )
+        db.query("DELETE FROM temp.open_tasks")
 
     def mark(self, mark: Mark) -> None:
         """Lines up to ``mark`` have been read (a mark of :data:`NO_FILE`: left the files)."""
@@ -42,37 +57,46 @@ class BookmarkTracker:
 
     @property
     def position(self) -> tuple[str, int]:
-        """Where the line being read sits: pass it to :meth:`waiting` for its task."""
+        """Where the line being read sits: pass it to :meth:`sighted` for its task."""
         return self._position
 
-    def waiting(self, task_id: str) -> None:
-        """The task is being asked about: its lines hold back until it is settled."""
-        self._open.setdefault(task_id, {})
+    def waiting(self, task_ids: Iterable[str]) -> None:
+        """The tasks are being asked about: their lines hold back until each is settled."""
+        self._db.query_many(
+            "INSERT OR IGNORE INTO temp.open_tasks VALUES (?, '', 0)", ((t,) for t in task_ids)
+        )
 
-    def sighted(self, task_id: str, position: tuple[str, int]) -> None:
-        """The task was read from the line at ``position``; held back while it is open.
+    def sighted(self, lines: Iterable[tuple[str, tuple[str, int]]]) -> None:
+        """Each task was read from the line at its position; held back while it is open.
 
         A task already settled (or never asked about: archived before) holds nothing.
         """
-        source, index = position
-        lines = self._open.get(task_id)
-        if lines is not None and source:
-            lines[source] = min(lines.get(source, index), index)
+        self._db.query_many(
+            "INSERT INTO temp.open_tasks SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM "
+            "temp.open_tasks WHERE task_id = ?1 AND source = '') AND ?2 != '' "
+            "ON CONFLICT (task_id, source) DO UPDATE SET idx = min(idx, excluded.idx)",
+            ((task_id, source, index) for task_id, (source, index) in lines),
+        )
 
     def asked(self, task_id: str) -> bool:
         """Whether the task was handed to this run and is not settled yet."""
-        return task_id in self._open
+        row = self._db.query_one(
+            "SELECT 1 FROM temp.open_tasks WHERE task_id = ? AND source = ''", (task_id,)
+        )
+        return row is not None
 
     def settled(self, task_id: str) -> None:
         """The task's answer will not change: its line need not be read again."""
-        self._open.pop(task_id, None)
+        self._db.query("DELETE FROM temp.open_tasks WHERE task_id = ?", (task_id,))
 
     def reached(self) -> dict[str, Mark]:
         """Per list file, the last mark before which every task was settled."""
-        blocked: dict[str, int] = {}
-        for lines in self._open.values():
-            for source, index in lines.items():
-                blocked[source] = min(blocked.get(source, index), index)
+        blocked = {
+            str(source): int(str(index))
+            for source, index in self._db.query(
+                "SELECT source, MIN(idx) FROM temp.open_tasks WHERE source != '' GROUP BY source"
+            )
+        }
         reached: dict[str, Mark] = {}
         for source, marks in self._marks.items():
             usable = marks[: blocked[source]] if source in blocked else marks

@@ -312,14 +312,14 @@ def _fetch(args: argparse.Namespace) -> int:
 def _print_summary(
     args: argparse.Namespace, summary: RunSummary, code: int, error: FetcherError | None
 ) -> None:
-    from .jsonlines import compact
+    from .jsonlines import write_object
 
     document = {
-        **summary.to_json(),
+        **summary.to_json_streamed(),
         "exit_code": code,
         "error": None if error is None else {"code": error.code, "message": str(error)},
     }
-    print(compact(document) if args.json_lines else json.dumps(document, indent=2), flush=True)
+    write_object(sys.stdout, document, one_line=args.json_lines)
 
 
 def _wait_lock(args: argparse.Namespace) -> float | None:

@@ -9,7 +9,7 @@ listener this one wraps.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TextIO
 
@@ -20,6 +20,60 @@ from .summary import TaskOutcome
 def compact(document: Any) -> str:
     """One line of JSON, as ``--json-lines`` prints each object."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_object(out: TextIO, document: Mapping[str, Any], *, one_line: bool) -> None:
+    """``json.dumps(document)`` (indented by 2, or :func:`compact`), written a piece at a
+    time: a value that is an iterator is written as an array, item by item, so a
+    long run's ``tasks`` never sit in memory as one list or one string."""
+    dump = compact if one_line else _indent2
+    open_, sep, close, item_sep = ("{", ",", "}", ",") if one_line else _INDENTED
+    out.write(open_)
+    for n, (key, value) in enumerate(document.items()):
+        if n:
+            out.write(sep)
+        name = dump(key) + (":" if one_line else ": ")
+        out.write(name if one_line else "  " + name)
+        if isinstance(value, Iterator):
+            _write_array(out, value, dump, one_line=one_line, item_sep=item_sep)
+        else:
+            out.write(dump(value) if one_line else _indented(dump(value), "  "))
+    out.write(close + "\n")
+    out.flush()
+
+
+_INDENTED = ("{\n", ",\n", "\n}", ",\n")
+
+
+def _indent2(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+def _write_array(
+    out: TextIO,
+    items: Iterator[Any],
+    dump: Callable[[Any], str],
+    *,
+    one_line: bool,
+    item_sep: str,
+) -> None:
+    first = True
+    for item in items:
+        if first:
+            out.write("[" if one_line else "[\n    ")
+            first = False
+        else:
+            out.write(item_sep if one_line else item_sep + "    ")
+        out.write(dump(item) if one_line else _indented(dump(item), "    "))
+    if first:
+        out.write("[]")
+    else:
+        out.write("]" if one_line else "\n  ]")
+
+
+def _indented(text: str, prefix: str) -> str:
+    """Every line after the first moved right by ``prefix``, as a nested value sits."""
+    return text.replace("\n", "\n" + prefix)
 
 
 class JsonLinesProgress:

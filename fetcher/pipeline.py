@@ -175,7 +175,7 @@ class _Run:
         self.db = db
         self.layout = layout
         self.summary = summary
-        self._bookmarks = BookmarkTracker()
+        self._bookmarks = BookmarkTracker(db)
         self._seen = FirstSight(db)
         #: Tasks handed to the query workers: the run's number of queries, once read.
         self._queued = 0
@@ -317,6 +317,7 @@ class _Run:
         """
         fresh, known = self._seen.first_sight(ids)
         before: list[str] = []
+        asking: list[str] = []
         for task_id in fresh:
             state = known.get(task_id)
             if state is not None and state.state == ARCHIVED:
@@ -325,12 +326,15 @@ class _Run:
                 reason = f"{state.state} in an earlier run: {state.reason}"
                 self._outcome(TaskOutcome(task_id, Outcome.SKIPPED, reason))
             else:
-                self._bookmarks.waiting(task_id)
-                self._queued += 1
-                await queries.put(task_id)
-        for task_id, position in lines:
-            # Every sighting of a task still open, in this batch or an earlier one.
-            self._bookmarks.sighted(task_id, position)
+                asking.append(task_id)
+        self._bookmarks.waiting(asking)
+        # Every sighting of a task still open, in this batch or an earlier one. The
+        # archived ones hold nothing back: no need to look them up (the cron case).
+        archived = set(before)
+        self._bookmarks.sighted(line for line in lines if line[0] not in archived)
+        for task_id in asking:
+            self._queued += 1
+            await queries.put(task_id)
         if before:
             # The cron case: most of a long list. Counted in bulk, no object per task.
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)

@@ -15,6 +15,7 @@ from .archive import Archive
 from .errors import UsageError
 from .lists import bookmarks
 from .models import parse_time
+from .queue import queue_head, queue_length
 from .state import EXPIRED, FAILED, INCOMPLETE, PENDING, STATES, StateDB
 
 #: Tasks can be queried only for about this long after submission.
@@ -36,6 +37,8 @@ class StatusReport:
     lists: list[dict[str, Any]]
     #: Entries of each list (pending, expiring, failures) left out by the limit.
     more: dict[str, int]
+    #: The download queue: ``length``, and ``head``, the next files a run downloads.
+    queue: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class StatusReport:
             "expiring": self.expiring,
             "failures": self.failures,
             "lists": self.lists,
+            "queue": self.queue,
         }
 
     def lines(self) -> list[str]:
@@ -74,6 +78,16 @@ class StatusReport:
                 for f in self.expiring
             ],
             self.more["expiring"],
+        )
+        head = self.queue["head"]
+        out += _section(
+            f"download queue, {self.queue['length']} files, next first:",
+            [
+                f"{f['task_id']} file {f['index']}  expires {f['expire_time'] or 'never'}"
+                f" ({_left(f['expires_in_seconds'], 'left')})"
+                for f in head
+            ],
+            self.queue["length"] - len(head),
         )
         out += _section(
             "failures:",
@@ -138,6 +152,16 @@ def archive_status(
             "expiring": db.count_files_not_done() - len(expiring),
             "failures": counts[FAILED] + counts[EXPIRED] - len(failures),
         }
+        head = [
+            {
+                "task_id": entry.task_id,
+                "index": entry.index,
+                "expire_time": entry.expire_time,
+                "expires_in_seconds": _seconds_until(parse_time(entry.expire_time), now),
+            }
+            for entry in queue_head(db, limit)
+        ]
+        queue = {"length": queue_length(db), "head": head}
         lists = [
             {
                 "path": mark.source,
@@ -149,7 +173,7 @@ def archive_status(
             for mark, updated_at in bookmarks(db)
         ]
     return StatusReport(
-        str(archive.root), counts, files, size, pending, expiring, failures, lists, more
+        str(archive.root), counts, files, size, pending, expiring, failures, lists, more, queue
     )
 
 

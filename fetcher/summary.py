@@ -13,8 +13,14 @@ and ``invalid`` included.
 from __future__ import annotations
 
 import enum
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, overload
 
 from .errors import EXIT_FAILED, EXIT_OK
 
@@ -62,13 +68,99 @@ class TaskOutcome:
             data["folder"] = self.folder
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaskOutcome:
+        return cls(
+            task_id=data["task_id"],
+            outcome=Outcome(data["outcome"]),
+            reason=data.get("reason"),
+            files=data.get("files", 0),
+            folder=data.get("folder"),
+        )
+
+
+#: Outcomes a summary keeps in memory; the rest wait in a temporary file.
+KEEP_IN_MEMORY = 1000
+
+
+class OutcomeList(Sequence[TaskOutcome]):
+    """The outcomes a run listed, in order, with memory that does not grow with them.
+
+    A first run over 100,000 new IDs lists 100,000 outcomes (each pending, say):
+    held as objects they were about half of such a run's memory. So the first
+    :data:`KEEP_IN_MEMORY` stay in memory and the rest go, a batch at a time, as
+    JSON lines to an unnamed temporary file that lives as long as the list.
+    Reading them (``--json`` printing its ``tasks``) streams the file back.
+    """
+
+    def __init__(self) -> None:
+        self._head: list[TaskOutcome] = []
+        self._batch: list[str] = []
+        self._spilled = 0
+        self._path: Path | None = None
+
+    def append(self, outcome: TaskOutcome) -> None:
+        if len(self._head) < KEEP_IN_MEMORY:
+            self._head.append(outcome)
+            return
+        self._batch.append(json.dumps(outcome.to_json(), ensure_ascii=False) + "\n")
+        if len(self._batch) >= KEEP_IN_MEMORY:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        if self._path is None:
+            fd, name = tempfile.mkstemp(prefix="fetcher-outcomes-", suffix=".jsonl")
+            os.close(fd)
+            self._path = Path(name)
+            weakref.finalize(self, self._path.unlink, missing_ok=True)
+        with self._path.open("a", encoding="utf-8") as spill:
+            spill.writelines(self._batch)
+        self._spilled += len(self._batch)
+        self._batch.clear()
+
+    def __len__(self) -> int:
+        return len(self._head) + self._spilled + len(self._batch)
+
+    def __iter__(self) -> Iterator[TaskOutcome]:
+        yield from self._head
+        self._flush()
+        if self._path is not None:
+            with self._path.open(encoding="utf-8") as spill:
+                for line in spill:
+                    yield TaskOutcome.from_json(json.loads(line))
+
+    @overload
+    def __getitem__(self, index: int) -> TaskOutcome: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TaskOutcome]: ...
+    def __getitem__(self, index: int | slice) -> TaskOutcome | Sequence[TaskOutcome]:
+        if isinstance(index, int) and 0 <= index < len(self._head):
+            return self._head[index]
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        # Cheap on purpose: asyncio.run reprs the main task's result (this summary) on
+        # the way out (Python 3.11's signal.getsignal), and a full list cost 40 MiB.
+        shown = ", ".join(map(repr, self._head[:3]))
+        more = f", … {len(self) - 3} more" if len(self) > 3 else ""
+        return f"OutcomeList([{shown}{more}])"
+
 
 @dataclass(slots=True)
 class RunSummary:
     """Totals and listed outcomes of one ``fetch`` run."""
 
     counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
-    tasks: list[TaskOutcome] = field(default_factory=list)
+    tasks: OutcomeList = field(default_factory=OutcomeList)
     files_downloaded: int = 0
     bytes_downloaded: int = 0
     requests: int = 0
@@ -101,6 +193,14 @@ class RunSummary:
         return EXIT_FAILED if self.failed else EXIT_OK
 
     def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object, its ``tasks`` a list (see :meth:`to_json_streamed`)."""
+        data = self.to_json_streamed()
+        data["tasks"] = list(data["tasks"])
+        return data
+
+    def to_json_streamed(self) -> dict[str, Any]:
+        """The ``--json`` object with ``tasks`` an iterator, for printing a long run's
+        outcomes one at a time."""
         data: dict[str, Any] = {"schema": SCHEMA, "archive": self.archive}
         data.update((o.value, self.counts[o]) for o in Outcome)
         data.update(
@@ -113,6 +213,6 @@ class RunSummary:
             requests=self.requests,
             interrupted=self.interrupted,
             exit_code=self.exit_code,
-            tasks=[t.to_json() for t in self.tasks],
+            tasks=(t.to_json() for t in self.tasks),
         )
         return data

@@ -132,7 +132,11 @@ class World:
         return env
 
     def fetch(
-        self, *ids: str, crash_at: str | None = None, prefix: tuple[str, ...] = ()
+        self,
+        *ids: str,
+        crash_at: str | None = None,
+        prefix: tuple[str, ...] = (),
+        args: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess[str]:
         """``fetcher fetch --id ... --json``; through the audit-hook wrapper with ``crash_at``."""
         env = self.env()
@@ -143,9 +147,9 @@ class World:
             hook.write_text(HOOK, encoding="utf-8")
             program = [sys.executable, str(hook)]
             env["CRASH_AT"] = crash_at
-        args = [a for tid in ids for a in ("--id", tid)]
+        named = [a for tid in ids for a in ("--id", tid)]
         return subprocess.run(
-            [*prefix, *program, "fetch", *args, "--json"],
+            [*prefix, *program, "fetch", *named, *args, "--json"],
             env=env,
             cwd=self.tmp,
             capture_output=True,
@@ -347,6 +351,33 @@ def test_sigkill_at_any_step_leaves_a_resumable_archive(
         (resumed,) = [r for r in world.replica.seen("files")[files_before:] if "video" in r.path]
         assert resumed.headers.get("Range") == f"bytes={kept}-"
         assert resumed.headers.get("If-Range")
+
+
+def test_a_file_a_killed_run_left_queued_is_downloaded_by_a_run_that_names_no_task(
+    world: World,
+) -> None:
+    """SIGKILL mid-download leaves the file queued: a run over an empty list resumes it."""
+    world.replica.fault(
+        "files", f"{world.video}/video.mp4", Fault(drop_after=STALL_AFTER, stall=20)
+    )
+    killed = world.fetch(world.multi, world.video, crash_at="open|.part|4|body")
+    assert killed.returncode == -9, killed.stderr
+    part = Archive(world.archive).work_path(world.video, 0)
+    kept = part.stat().st_size
+    empty = world.tmp / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    files_before, api_before = len(world.replica.seen("files")), len(world.replica.seen("api"))
+
+    again = world.fetch(args=(str(empty),))
+
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["from_queue"], summary["archived"]) == (1, 1)
+    assert [t["task_id"] for t in summary["tasks"]] == [world.video]
+    assert_complete(world, world.multi, world.video)
+    assert world.replica.seen("api")[api_before:] == []
+    (resumed,) = world.replica.seen("files")[files_before:]
+    assert resumed.headers.get("Range") == f"bytes={kept}-"
 
 
 # -- a full disk, an unwritable archive --------------------------------------------------------
