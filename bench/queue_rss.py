@@ -7,7 +7,10 @@ empty list on each (no task named: the run only drains the queue) with
 ``--downloads 1`` against a file host on loopback that answers every file after
 ``--delay`` seconds. Each run is stopped with SIGINT once the host has served
 ``--served`` files, so both runs do the same work and differ only in the queue's
-length; the child's peak RSS is ``os.wait4``'s ``ru_maxrss``.
+length. Peak RSS is the child's own ``ru_maxrss`` from ``os.wait4``: each state is
+built by a process of its own, and the run is forked by a small ``sh`` and reaped
+by this one as its subreaper, as ``run.py`` does, so neither the builder's memory
+nor this script's is folded into the figure.
 
     python bench/queue_rss.py [--files 1000000] [--served 200] [--delay 0.01]
 """
@@ -15,6 +18,7 @@ length; the child's peak RSS is ``os.wait4``'s ``ru_maxrss``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -32,6 +36,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SH = "/bin/sh"
+#: ``prctl(PR_SET_CHILD_SUBREAPER, 1)``: orphans of our children become our children.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Let this process ``wait4`` the run once the ``sh`` that started it has exited."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise SystemExit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+
+
 BODY = b"\x89PNG\r\n\x1a\n" + b"\0" * 2040
 
 
@@ -50,11 +66,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         time.sleep(self.server.delay)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+        except OSError:  # the run was stopped in the middle of this answer
+            return
         with self.server.lock:
             self.server.served += 1
 
@@ -111,12 +130,23 @@ def measure(archive: Path, api: str, served: int, host: Host, empty: Path) -> tu
     argv = [sys.executable, "-m", "fetcher", "fetch", str(empty), "--archive", str(archive)]
     argv += ["--base-url", api, "--api-key", "k", "--downloads", "1", "--no-progress", "-q"]
     start = host.served
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)  # noqa: S603
-    while host.served - start < served and child.poll() is None:
+    read_end, write_end = os.pipe()
+    script = f'"$@" {write_end}>&- & echo $! >&{write_end}'
+    shell = subprocess.Popen(  # noqa: S603
+        [SH, "-c", script, "sh", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        pid = int(pipe.read())
+    shell.wait()
+    deadline = time.monotonic() + 600
+    while host.served - start < served and time.monotonic() < deadline:
         time.sleep(0.01)
-    child.send_signal(signal.SIGINT)
-    _, _, usage = os.wait4(child.pid, 0)
-    child.returncode = 0
+    os.kill(pid, signal.SIGINT)
+    _, _, usage = os.wait4(pid, 0)
     return usage.ru_maxrss / 1024, host.served - start
 
 
@@ -125,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=1_000_000)
     parser.add_argument("--served", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.01)
+    parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)  # ARCHIVE FILES HOST
     args = parser.parse_args(argv)
+    if args.build:
+        build(Path(args.build[0]), int(args.build[1]), args.build[2])
+        return 0
+    become_subreaper()
     host = Host(args.delay)
     threading.Thread(target=host.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{host.server_address[1]}"
@@ -135,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for files in (1_000, args.files):
             archive = Path(work) / f"queued-{files}"
             started = time.perf_counter()
-            build(archive, files, url)
+            builder = [sys.executable, __file__, "--build", str(archive), str(files), url]
+            subprocess.run(builder, check=True)  # noqa: S603
             built = time.perf_counter() - started
             rss, done = measure(archive, "http://127.0.0.1:9", args.served, host, empty)
             print(f"{files:>9,} queued: peak RSS {rss:6.1f} MiB, {done} files served "

@@ -85,9 +85,12 @@ class BookmarkTracker:
         )
         return row is not None
 
-    def settled(self, task_id: str) -> None:
-        """The task's answer will not change: its line need not be read again."""
-        self._db.query("DELETE FROM temp.open_tasks WHERE task_id = ?", (task_id,))
+    def settled(self, task_id: str) -> bool:
+        """The task's answer will not change: its line need not be read again.
+
+        Returns whether it was open: handed to this run and not settled before.
+        """
+        return self._db.delete("DELETE FROM temp.open_tasks WHERE task_id = ?", (task_id,)) > 0
 
     def reached(self) -> dict[str, Mark]:
         """Per list file, the last mark before which every task was settled."""

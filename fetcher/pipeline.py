@@ -2,9 +2,12 @@
 
 IDs stream from their sources in batches; tasks already archived are settled
 from the database without a request. The rest go through a bounded queue to
-``concurrency`` query workers. A finished task's files go into a bounded
-priority queue ordered by ``ExpireTime``, so a file about to expire is never
-stuck behind a backlog, and ``downloads`` workers take from it.
+``concurrency`` query workers. A finished task is recorded with its files, which
+joins them to the archive's download queue (:mod:`fetcher.queue`: the file rows
+still wanted, earliest ``ExpireTime`` first); the query workers never wait for a
+download. ``downloads`` workers take the head of that queue, whichever run put
+it there, so a file about to expire is never stuck behind a backlog, and a file
+a stopped or killed run left is downloaded by the next run.
 
 The order of a commit is the design: stream to a work file, verify, rename into
 place, record the file; when the task's last file is in place, write the
@@ -21,6 +24,7 @@ item's outcome with a reason (the traceback is logged at debug level, shown by
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -52,7 +56,7 @@ from .layout import Layout, LayoutFields
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
 from .progress import NullProgress, Progress
-from .queue import FileQueue
+from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
 from .state import ARCHIVED, EXPIRED, FAILED, StateDB
@@ -182,8 +186,9 @@ class _Run:
         #: First queries' failures that may yet be the key's or the base URL's.
         self._held: list[tuple[str, TaskError]] = []
         self._queue = FileQueue(db)
-        #: Set when a query queued files, and when the last query is done.
-        self._more = asyncio.Event()
+        #: Download workers waiting for the queue to grow, each on a future of its own:
+        #: a task's files wake as many of them as it queued, not every idle worker.
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self._queries_done = False
         #: Second queries for tasks whose host dropped a file early: one per task, only
         #: while that task has files in flight (at most ``--downloads`` entries).
@@ -262,7 +267,7 @@ class _Run:
             self._release_held()
             # No query can queue a file now: a worker that finds the queue empty is done.
             self._queries_done = True
-            self._more.set()
+            self._wake(len(self._idle))
             if downloading:
                 await asyncio.wait(downloading)
             if watcher is not None:
@@ -393,19 +398,33 @@ class _Run:
         Files already in place stay so. Files still wanted may be in flight already,
         queued by an earlier run: the task is finished by whichever settles its last.
         """
-        if self.db.task_state(task.task_id) == ARCHIVED:
+        wanted = str(self.layout.render(_layout_fields(task)))
+        started = self.db.start_task(task, wanted)
+        if started is None:
             # Its files, queued by an earlier run, came down while this query was out.
             return
-        wanted = str(self.layout.render(_layout_fields(task)))
-        _, done = self.db.start_task(task, wanted)
+        queued = 0
         for remote in task.files:
-            kept = done.get(remote.index)
-            if kept is not None and not (kept.path and (self.archive.root / kept.path).is_file()):
+            kept = started[1].get(remote.index)
+            if kept is None:
+                queued += 1
+            elif not (kept.path and (self.archive.root / kept.path).is_file()):
                 self.db.requeue_file(task.task_id, remote.index)
+                queued += 1
         # Requested even past its ExpireTime: only the host's refusal makes a file
         # expired, never this machine's clock.
-        self._more.set()
-        self._settle_task(task.task_id)
+        if queued:
+            self._wake(queued)
+        else:
+            self._settle_task(task.task_id)
+
+    def _wake(self, count: int) -> None:
+        """Up to ``count`` idle download workers look at the queue again."""
+        while count > 0 and self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     # -- downloads ----------------------------------------------------------------------
 
@@ -415,12 +434,13 @@ class _Run:
             if item is None:
                 if self._queries_done:
                     return
-                self._more.clear()
-                await self._more.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                await waiter
                 continue
             self.progress.file_queued(item.remote.size)
             try:
-                await self._download_one(api, downloader, item.task_id, item.remote)
+                await self._download_one(api, downloader, item)
             finally:
                 self._queue.release(item)
             self.progress.file_done()
@@ -442,9 +462,8 @@ class _Run:
         except Exception as exc:  # one task's bug is that task's failure
             self._settle_failure(task_id, self._bug_reason(task_id, exc), final=False)
 
-    async def _download_one(
-        self, api: ApiClient, downloader: Downloader, task_id: str, remote: RemoteFile
-    ) -> None:
+    async def _download_one(self, api: ApiClient, downloader: Downloader, item: QueuedFile) -> None:
+        task_id, remote = item.task_id, item.remote
         work = self.archive.work_path(task_id, remote.index)
         try:
             got = await self._fetch_file(api, downloader, task_id, remote, work)
@@ -465,11 +484,8 @@ class _Run:
         except Exception as exc:  # one file's bug is that file's failure
             self._file_problem(task_id, remote, self._bug_reason(task_id, exc), expired=False)
             return
+        relative = PurePosixPath(item.folder) / f"{remote.index:02d}{got.extension}"
         try:
-            folder = self.db.stored_task(task_id)
-            if folder is None:
-                raise InternalError(f"task {task_id} has queued files but no folder")
-            relative = PurePosixPath(folder[1]) / f"{remote.index:02d}{got.extension}"
             self.archive.place(got.path, relative)
         except ArchiveError as exc:
             if not _one_place(exc):
@@ -554,14 +570,17 @@ class _Run:
         count = sum(1 for r in rows if r.state == "done")
         if count:
             self.archive.write_sidecar(PurePosixPath(folder), build_sidecar(task, rows, folder))
-        queued_only = not self._bookmarks.asked(task_id)
-        if queued_only:
-            self.summary.from_queue += 1
         problems = [r for r in rows if r.state != "done"]
         if not problems:
             self.db.mark_archived(task_id)
-            self._outcome(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
+            # Settled here rather than in _outcome: whether it was open says whether this
+            # run was given the task, in the statement that settles it.
+            if not self._bookmarks.settled(task_id):
+                self.summary.from_queue += 1
+            self._report(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
             return
+        if not self._bookmarks.asked(task_id):
+            self.summary.from_queue += 1
         reason = "; ".join(r.reason or r.state for r in problems)
         all_expired = all(r.state == EXPIRED for r in problems)
         self.db.record_failure(
@@ -587,6 +606,9 @@ class _Run:
     def _outcome(self, outcome: TaskOutcome) -> None:
         if outcome.outcome in _SETTLED:
             self._bookmarks.settled(outcome.task_id)
+        self._report(outcome)
+
+    def _report(self, outcome: TaskOutcome) -> None:
         self.summary.add(outcome)
         self.progress.task_done(outcome)
 

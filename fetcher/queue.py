@@ -32,6 +32,8 @@ class QueuedFile:
     rowid: int
     task_id: str
     remote: RemoteFile
+    #: The task's folder, relative to the archive root.
+    folder: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,8 @@ class FileQueue:
     def claim(self) -> QueuedFile | None:
         """The earliest-expiring wanted file nobody in this run is downloading, or None."""
         row = self._db.query_one(
-            "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type "
+            "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type, "
+            "(SELECT dir FROM tasks WHERE tasks.task_id = files.task_id) "
             "FROM files WHERE state = 'wanted' "
             "AND rowid NOT IN (SELECT value FROM json_each(?)) "
             "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1",
@@ -62,7 +65,7 @@ class FileQueue:
         )
         if row is None:
             return None
-        rowid, task_id, idx, url, expire, md5, size, file_type = row
+        rowid, task_id, idx, url, expire, md5, size, file_type, folder = row
         claimed = QueuedFile(
             rowid=int(str(rowid)),
             task_id=str(task_id),
@@ -74,6 +77,7 @@ class FileQueue:
                 size=None if size is None else int(str(size)),
                 file_type=opt_text(file_type),
             ),
+            folder=str(folder),
         )
         self._claimed.add(claimed.rowid)
         return claimed

@@ -393,6 +393,13 @@ class StateDB:
         except sqlite3.Error as exc:
             raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
 
+    def delete(self, sql: str, params: Sequence[object] = ()) -> int:
+        """A DELETE (or UPDATE) outside any step; how many rows it touched."""
+        try:
+            return self.conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"state database {str(self.path)!r}: {exc}") from exc
+
     def query_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         """One statement over many rows (``executemany``); sqlite's errors made ArchiveError."""
         try:
@@ -445,16 +452,20 @@ class StateDB:
         with self.atomic() as conn:
             self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
 
-    def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]]:
-        """Record a finished task's files.
+    def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]] | None:
+        """Record a finished task's files, which queues those not done.
 
         Returns the task's folder (the one recorded first wins, so files placed by
-        an earlier run never move) and the file rows already done.
+        an earlier run never move) and the file rows already done; None, recording
+        nothing, when the task is archived already (its files, queued by an earlier
+        run, came down while this answer was on its way).
         """
         with self.atomic() as conn:
             row = conn.execute(
-                "SELECT dir FROM tasks WHERE task_id = ?", (task.task_id,)
+                "SELECT dir, state FROM tasks WHERE task_id = ?", (task.task_id,)
             ).fetchone()
+            if row is not None and row[1] == ARCHIVED:
+                return None
             folder = row[0] if row and row[0] else _unclaimed(conn, task.task_id, folder)
             self._upsert_task(
                 conn,
@@ -536,10 +547,6 @@ class StateDB:
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
 
     # -- reading ----------------------------------------------------------------------
-
-    def task_state(self, task_id: str) -> str | None:
-        row = self.query_one("SELECT state FROM tasks WHERE task_id = ?", (task_id,))
-        return None if row is None else str(row[0])
 
     def wanted_left(self, task_id: str) -> bool:
         """Whether any of the task's files is still in the queue (claimed ones included)."""
