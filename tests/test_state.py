@@ -249,3 +249,26 @@ def test_sqlite_older_than_needed_is_refused_in_one_line(
     assert "\n" not in message
     assert ".".join(map(str, version)) in message
     assert "3.35.0" in message
+
+
+def test_grouped_commit_that_fails_is_raised_by_the_next_step(tmp_path: Path) -> None:
+    """A COMMIT failing in a loop callback rolls the turn back and stops the next step."""
+    path = tmp_path / "state.sqlite"
+
+    async def scenario() -> None:
+        with StateDB(path) as db:
+            real = db.conn
+            with (
+                pytest.raises(ArchiveError, match="disk is full"),
+                db.grouped(asyncio.get_running_loop()),
+            ):
+                db._conn = _CommitFails(real)  # type: ignore[assignment]
+                db.mark_archived("t1")
+                await asyncio.sleep(0)  # the turn ends: its COMMIT fails
+                assert not real.in_transaction
+                with pytest.raises(ArchiveError, match="disk is full"):
+                    db.mark_archived("t2")
+            db._conn = real
+        assert committed(path) == {}
+
+    asyncio.run(scenario())

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import re
-import sqlite3
 import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -1540,44 +1539,6 @@ def test_grouped_step_that_fails_rolls_back_alone(tmp_path: Path) -> None:
                 raise RuntimeError("this step goes wrong")
             db.mark_archived("t3")
         assert _committed_states(path) == {"archived": 2}
-
-    asyncio.run(scenario())
-
-
-class _CommitFails:
-    """A connection whose COMMIT fails (as on a full disk); everything else is the real one."""
-
-    def __init__(self, real: sqlite3.Connection) -> None:
-        self.real = real
-
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT":
-            raise sqlite3.OperationalError("database or disk is full")
-        return self.real.execute(sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-def test_grouped_commit_that_fails_is_raised_by_the_next_step(tmp_path: Path) -> None:
-    """A COMMIT failing in a loop callback rolls the turn back and stops the next step."""
-    path = tmp_path / "state.sqlite"
-
-    async def scenario() -> None:
-        with StateDB(path) as db:
-            real = db.conn
-            with (
-                pytest.raises(ArchiveError, match="disk is full"),
-                db.grouped(asyncio.get_running_loop()),
-            ):
-                db._conn = _CommitFails(real)  # type: ignore[assignment]
-                db.mark_archived("t1")
-                await asyncio.sleep(0)  # the turn ends: its COMMIT fails
-                assert not real.in_transaction
-                with pytest.raises(ArchiveError, match="disk is full"):
-                    db.mark_archived("t2")
-            db._conn = real
-        assert _committed_states(path) == {}
 
     asyncio.run(scenario())
 
