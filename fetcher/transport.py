@@ -18,6 +18,7 @@ or an answer that is not valid HTTP, will be the same next time.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 # aiohttp (about 0.15 s to import) is imported when a session first sends a
 # request, not with this module: a cron re-run over a settled list sends none.
 
+#: Where aiohttp's parse errors start quoting the server's bytes.
+_QUOTED_BYTES = re.compile(r"\n|:?\s+b['\"]")
 #: How much aiohttp buffers from the socket before it pauses reading (its default is
 #: 256 KiB): a download's blocks are 1 MiB, so fewer, larger reads per file.
 READ_BUFFER = 1024 * 1024
@@ -191,7 +194,10 @@ def translate(exc: BaseException, url: Url, proxy: URL | None = None) -> HttpErr
     if isinstance(exc, aiohttp.ClientResponseError):
         # Raised while the head is parsed: two Content-Lengths, a line or a header
         # count over the limits, a status line that is not HTTP.
-        detail = one_line(str(exc.message))[:120] or "unparseable head"
+        # aiohttp's words name the fault, then quote the server's bytes (b'...', and
+        # a caret under them): the reason keeps the words only.
+        words = _QUOTED_BYTES.split(str(exc.message), maxsplit=1)[0]
+        detail = one_line(words).rstrip(": ")[:120] or "unparseable head"
         return BadResponse(f"malformed response ({detail})")
     if isinstance(exc, aiohttp.ClientOSError | OSError):
         return ConnectionLost(f"connection lost ({_os_reason(exc)})")

@@ -173,6 +173,8 @@ def test_malformed_answer_fails_the_file_without_a_retry(
         summary = run(settings, tid, other)
 
     assert_failed(summary, archive_dir, tid, "malformed")
+    reason = str(outcome_of(summary, tid).reason)
+    assert "b'" not in reason, reason  # aiohttp's quoted bytes stay out of the one line
     assert len(host.requests) == 1
     assert_archived(summary, archive_dir, other, other_data)
 
