@@ -53,6 +53,9 @@ _SETTING_FLAGS = (
     "rate",
     "max_file_size",
     "layout",
+    "s3_endpoint",
+    "s3_addressing",
+    "state",
 )
 
 
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--all", action="store_true", help="show every entry of each list")
     status.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _store_flags(status)
 
     verify = commands.add_parser(
         "verify",
@@ -158,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print JSON on stdout")
     verify.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     verify.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="on a bucket: read and re-hash every object, not only compare its HEAD",
+    )
+    _store_flags(verify)
     output = verify.add_argument_group("output")
     output.add_argument("-q", "--quiet", action="store_true", help="print nothing when all is well")
     output.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -209,6 +219,22 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
         "--max-file-size", metavar="BYTES", help="largest file accepted (16GiB, 500MB, 1048576)"
     )
     group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
+    _store_flags(group)
+
+
+def _store_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How a bucket archive (``--archive s3://BUCKET[/PREFIX]``) is reached, and its state."""
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint (default: as the AWS CLI finds it)"
+    )
+    parser.add_argument(
+        "--s3-addressing",
+        choices=("auto", "path", "virtual"),
+        help="bucket in the path or in the host name (auto: path for an IP or localhost)",
+    )
+    parser.add_argument(
+        "--state", metavar="PATH", help="a bucket archive's state file (default: user data dir)"
+    )
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -426,7 +452,9 @@ def _own_stdin() -> BinaryIO:
 def _status(args: argparse.Namespace) -> int:
     from .status import archive_status
 
-    report = archive_status(_settings(args).archive, limit=None if args.all else args.limit)
+    settings = _settings(args)
+    limit = None if args.all else args.limit
+    report = archive_status(settings.archive, limit=limit, settings=settings)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -435,24 +463,43 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .stores import BucketUrl
     from .verify import verify
 
     settings = _settings(args)
     if args.accept_changed and not args.repair:
         raise UsageError("--accept-changed needs --repair")
+    bucket = isinstance(settings.archive, BucketUrl)
+    if args.deep and not bucket:
+        raise UsageError(
+            "--deep is for a bucket archive: a folder's verify always reads every file"
+        )
+
+    def work(stop: asyncio.Event) -> Awaitable[Any]:
+        if bucket:
+            from .bucket_verify import verify_bucket
+
+            return verify_bucket(
+                settings.archive,
+                repair=args.repair,
+                settings=settings,
+                deep=args.deep,
+                progress=progress,
+                accept_changed=args.accept_changed,
+                stop=stop,
+            )
+        return verify(
+            settings.archive,
+            repair=args.repair,
+            settings=settings,
+            progress=progress,
+            accept_changed=args.accept_changed,
+            stop=stop,
+        )
+
     with _progress(args) as progress:
         report, signum = asyncio.run(
-            _until_signal(
-                lambda stop: verify(
-                    settings.archive,
-                    repair=args.repair,
-                    settings=settings,
-                    progress=progress,
-                    accept_changed=args.accept_changed,
-                    stop=stop,
-                ),
-                "stopping; a download in flight is kept for the next repair",
-            )
+            _until_signal(work, "stopping; a download in flight is kept for the next repair")
         )
     code = report.exit_code if signum is None else 128 + signum
     if args.json:

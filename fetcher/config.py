@@ -27,6 +27,7 @@ import platformdirs
 from .errors import ConfigError, UsageError
 from .layout import DEFAULT_LAYOUT, Layout
 from .sizes import parse_size
+from .stores import BucketUrl, is_bucket
 from .url import InvalidUrl, Url
 
 APP_NAME = "fetcher"
@@ -38,6 +39,8 @@ DEFAULT_RETRIES = 5
 DEFAULT_RETRY_WAIT = 0.5
 DEFAULT_RATE = 50.0
 DEFAULT_MAX_FILE_SIZE = 16 * 1024**3
+#: How bucket URLs are addressed: path-style for an IP or localhost endpoint, else virtual.
+S3_ADDRESSING = ("auto", "path", "virtual")
 #: Read the API key from this file instead: a flag, a variable and a config key, not a setting.
 KEY_FILE = "api_key_file"
 
@@ -59,7 +62,8 @@ class Settings:
     ``archive`` may be given as a string; it is kept as a :class:`~pathlib.Path`.
     """
 
-    archive: Path = field(default_factory=default_archive)
+    #: A folder, or a bucket (given as ``s3://BUCKET[/PREFIX]``).
+    archive: Path | BucketUrl = field(default_factory=default_archive)
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     concurrency: int = DEFAULT_CONCURRENCY
@@ -70,6 +74,12 @@ class Settings:
     rate: float = DEFAULT_RATE
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     layout: str = DEFAULT_LAYOUT
+    #: The S3 endpoint (None: as the AWS CLI finds it, ``AWS_ENDPOINT_URL_S3`` and so on).
+    s3_endpoint: str | None = None
+    s3_addressing: str = "auto"
+    #: The SQLite state of a bucket archive (None: one file per bucket and prefix in the
+    #: user data folder). A folder archive keeps its state inside itself.
+    state: Path | None = None
     #: From ``http_proxy``/``https_proxy``/``all_proxy``/``no_proxy``, not a setting of its own.
     proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold a password
 
@@ -93,7 +103,8 @@ class Settings:
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "proxies")
 _INT_SETTINGS = {"concurrency": 1, "downloads": 1, "retries": 0, "max_file_size": 1}
 _FLOAT_SETTINGS = ("timeout", "rate", "retry_wait")
-_TEXT_SETTINGS = ("base_url", "api_key", "layout")
+_REQUIRED_TEXT = ("layout", "s3_addressing")
+_TEXT_SETTINGS = ("base_url", "api_key", "layout", "s3_endpoint", "s3_addressing")
 
 
 def check_setting(name: str, value: Any) -> Any:
@@ -103,6 +114,19 @@ def check_setting(name: str, value: Any) -> Any:
     which knows where it came from); ``archive`` takes a string or a path.
     """
     label = f"setting {name!r}"
+    if name == "archive" and isinstance(value, BucketUrl):
+        return value
+    if name == "archive" and is_bucket(value):
+        try:
+            return BucketUrl.parse(value)
+        except UsageError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    if name == "state":
+        if value is None:
+            return None
+        if not isinstance(value, str | os.PathLike) or isinstance(value, bytes) or not str(value):
+            raise ConfigError(f"{label}: {value!r} is not a file path")
+        return Path(value)
     if name == "archive":
         if not isinstance(value, str | os.PathLike) or isinstance(value, bytes):
             raise ConfigError(f"{label}: {value!r} is not a folder path")
@@ -110,7 +134,7 @@ def check_setting(name: str, value: Any) -> Any:
             raise ConfigError(f"{label}: an empty path is not a folder")
         return Path(value)
     if name in _TEXT_SETTINGS:
-        if not isinstance(value, str) and not (value is None and name != "layout"):
+        if not isinstance(value, str) and not (value is None and name not in _REQUIRED_TEXT):
             shown = "the value given" if name == "api_key" else repr(value)  # never echo a secret
             raise ConfigError(f"{label}: {shown} is not a string")
         if name == "base_url" and value:
@@ -118,6 +142,13 @@ def check_setting(name: str, value: Any) -> Any:
                 Url.parse(value)
             except InvalidUrl as exc:
                 raise ConfigError(f"{label}: {value!r} is not an http(s) URL ({exc})") from None
+        if name == "s3_endpoint" and value:
+            try:
+                Url.parse(value)
+            except InvalidUrl as exc:
+                raise ConfigError(f"{label}: {value!r} is not an http(s) URL ({exc})") from None
+        if name == "s3_addressing" and value not in S3_ADDRESSING:
+            raise ConfigError(f"{label}: {value!r} is not one of {', '.join(S3_ADDRESSING)}")
         if name == "layout":
             try:
                 Layout(value)
@@ -229,7 +260,7 @@ def _coerce(name: str, given: _Given) -> Any:
     """One layer's value as the setting's type; errors name the file, variable or flag."""
     value = given.value
     try:
-        if name == "archive":
+        if name in ("archive", "state") and not is_bucket(value):
             value = _path(value, given)
         elif isinstance(value, str) and name in _TEXT_SETTINGS:
             value = value.strip()

@@ -11,6 +11,8 @@ that task's outcome, so the rest of the run goes on::
     │   └── GatewayError              exit 2   the base URL reaches no gateway (first queries)
     ├── AuthError                     exit 2   the API rejected the key (401, AuthFailure.*,
     │                                          or 403 to every first query)
+    ├── StoreRefused                  exit 2   the bucket's store said no: wrong key,
+    │                                          no such bucket, a denied write
     ├── LockedError                   exit 75  another run holds the archive
     ├── ArchiveError                  exit 3   the archive or its state cannot be written
     ├── InternalError                 exit 70  a bug stopped the run
@@ -102,6 +104,13 @@ class AuthError(FetcherError):
 
     exit_code = EXIT_USAGE
     code = "auth"
+
+
+class StoreRefused(FetcherError):
+    """The bucket's store refused what no retry can change: the credentials, the bucket, a write."""
+
+    exit_code = EXIT_USAGE
+    code = "store"
 
 
 class LockedError(FetcherError):

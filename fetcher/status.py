@@ -6,17 +6,19 @@ a long cron run.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .archive import Archive
+from .config import Settings
 from .errors import UsageError
 from .lists import bookmarks
 from .models import parse_time
 from .queue import queue_head, queue_length
 from .state import EXPIRED, FAILED, INCOMPLETE, PENDING, STATES, StateDB
+from .stores import BucketUrl, fetch_state, open_store
 
 #: Tasks can be queried only for about this long after submission.
 QUERY_WINDOW = timedelta(days=3)
@@ -116,7 +118,10 @@ def _section(title: str, rows: list[str], more: int = 0) -> list[str]:
 
 
 def archive_status(
-    root: Path, now: datetime | None = None, limit: int | None = LIST_LIMIT
+    root: Path | BucketUrl,
+    now: datetime | None = None,
+    limit: int | None = LIST_LIMIT,
+    settings: Settings | None = None,
 ) -> StatusReport:
     """Build the report for the archive at ``root``; a usage error if there is none.
 
@@ -124,9 +129,10 @@ def archive_status(
     all of them); ``more`` counts the rest. The state is opened read-only, so a
     backup or a read-only mount can be inspected.
     """
-    archive = Archive(root)
-    if not archive.exists():
-        raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
+    archive = open_store(root, settings)
+    # A bucket's state may be only in its snapshot on a host that never ran there.
+    if not archive.exists() and not asyncio.run(fetch_state(archive)):
+        raise UsageError(f"no fetcher archive at {archive.name!r}")
     now = now or datetime.now(UTC)
     with StateDB(archive.db_path, readonly=True) as db:
         counts = db.counts()
@@ -173,7 +179,7 @@ def archive_status(
             for mark, updated_at in bookmarks(db)
         ]
     return StatusReport(
-        str(archive.root), counts, files, size, pending, expiring, failures, lists, more, queue
+        archive.name, counts, files, size, pending, expiring, failures, lists, more, queue
     )
 
 

@@ -323,8 +323,59 @@ def _sha256(handle: BufferedReader, progress: VerifyProgress) -> str:
 # -- repairing --------------------------------------------------------------------------
 
 
-class _Repairer:
-    """Settles each problem as repaired, replaced-different, changed-at-host or unrepairable."""
+class Repairer:
+    """Settles each problem as repaired, replaced-different, changed-at-host or unrepairable.
+
+    What putting one file back means is the store's: :meth:`repair`, in a subclass.
+    """
+
+    def __init__(
+        self,
+        db: StateDB,
+        settings: Settings,
+        progress: VerifyProgress,
+        *,
+        accept_changed: bool,
+    ) -> None:
+        self.db = db
+        self.progress = progress
+        self.accept_changed = accept_changed
+        self.downloader = repair_downloader(settings, progress)
+
+    async def repair_all(
+        self, problems: list[FileProblem], stop: asyncio.Event
+    ) -> list[FileProblem]:
+        """Each problem settled, one at a time; on ``stop``, the rest stay as found."""
+        settled: list[FileProblem] = []
+        async with self.downloader:
+            for problem in problems:
+                self.progress.file_queued(problem.row.size)
+                done = None if stop.is_set() else await until_stopped(stop, self.repair(problem))
+                self.progress.file_done()
+                if done is None:
+                    return settled + problems[len(settled) :]
+                settled.append(done)
+        return settled
+
+    async def repair(self, problem: FileProblem) -> FileProblem:
+        """One file put back, or why it was not."""
+        raise NotImplementedError
+
+    def record(self, row: FileRow, got: Downloaded) -> None:
+        """The file's row takes what was put back."""
+        assert row.path is not None
+        self.db.file_done(
+            row.task_id,
+            row.index,
+            path=row.path,
+            size=got.size,
+            sha256=got.sha256,
+            content_type=got.content_type,
+        )
+
+
+class _Repairer(Repairer):
+    """A folder's repair: the damaged copy quarantined, the file renamed into its place."""
 
     def __init__(
         self,
@@ -335,44 +386,15 @@ class _Repairer:
         *,
         accept_changed: bool,
     ) -> None:
+        super().__init__(db, settings, progress, accept_changed=accept_changed)
         self.archive = archive
-        self.db = db
-        self.progress = progress
-        self.accept_changed = accept_changed
-        self.downloader = Downloader(
-            timeout=settings.timeout,
-            policy=RetryPolicy(retries=settings.retries, base=settings.retry_wait),
-            max_file_size=settings.max_file_size,
-            api_origin=Url.parse(settings.base_url).origin if settings.base_url else None,
-            connections=1,
-            proxies=settings.proxies,
-            on_bytes=progress.bytes_received,
-        )
 
-    async def repair_all(
-        self, problems: list[FileProblem], stop: asyncio.Event
-    ) -> list[FileProblem]:
-        """Each problem settled, one at a time; on ``stop``, the rest stay as found."""
-        settled: list[FileProblem] = []
-        async with self.downloader:
-            for problem in problems:
-                self.progress.file_queued(problem.row.size)
-                done = None if stop.is_set() else await _until(stop, self._repair(problem))
-                self.progress.file_done()
-                if done is None:
-                    return settled + problems[len(settled) :]
-                settled.append(done)
-        return settled
-
-    async def _repair(self, problem: FileProblem) -> FileProblem:
+    async def repair(self, problem: FileProblem) -> FileProblem:
         row = self._current(problem.row)
         if row is None:
             return problem.settled(Problem.UNREPAIRABLE, "its row changed under the repair")
         if _check_file(self.archive, row, self.progress) is None:
             return problem.settled(Problem.REPAIRED, "matches its row again (repaired meanwhile)")
-        expires = parse_time(row.expire_time)
-        if expires is not None and expires <= datetime.now(UTC):
-            return problem.settled(Problem.UNREPAIRABLE, f"its URL expired at {row.expire_time}")
         if row.path is None:
             return problem.settled(Problem.UNREPAIRABLE, "no path to put it back at")
         relative = PurePosixPath(row.path)
@@ -380,24 +402,11 @@ class _Repairer:
             self.archive.resolve(relative)
         except ArchiveError as exc:
             return problem.settled(Problem.UNREPAIRABLE, str(exc))
-        remote = RemoteFile(index=row.index, url=row.url, expire_time=expires, md5=row.md5)
         work = self.archive.work_path(row.task_id, row.index)
-        try:
-            got = await self.downloader.download(row.task_id, remote, work)
-        except TaskError as exc:
-            # A partial download stays in the work folder, as after a fetch: the next
-            # repair resumes it, and a fetch's clean-up drops it once it is stale.
-            return problem.settled(Problem.UNREPAIRABLE, f"download failed: {exc}")
-        except OSError as exc:
-            raise archive_error(exc, work) from exc
+        got = await download_again(self.downloader, row, work, problem, self.accept_changed)
+        if isinstance(got, FileProblem):
+            return got
         changed = row.sha256 is not None and got.sha256 != row.sha256
-        if changed and not self.accept_changed:
-            got.path.unlink(missing_ok=True)
-            return problem.settled(
-                Problem.CHANGED_AT_HOST,
-                f"the host now serves other bytes (sha256 {got.sha256}); "
-                "the archived copy is left as it was",
-            )
         moved = self.archive.quarantine(relative)
         self.archive.place(got.path, relative)
         if changed:
@@ -408,14 +417,7 @@ class _Repairer:
             outcome, note = Problem.REPAIRED, f"downloaded again ({got.size} bytes, same sha256)"
         if moved is not None:
             note += f"; the damaged copy is in {moved}"
-        self.db.file_done(
-            row.task_id,
-            row.index,
-            path=row.path,
-            size=got.size,
-            sha256=got.sha256,
-            content_type=got.content_type,
-        )
+        self.record(row, got)
         return problem.settled(outcome, note, None if moved is None else str(moved))
 
     def _current(self, row: FileRow) -> FileRow | None:
@@ -430,7 +432,54 @@ class _Repairer:
         )
 
 
-async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, FileProblem]) -> FileProblem | None:
+async def download_again(
+    downloader: Downloader, row: FileRow, work: Path, problem: FileProblem, accept_changed: bool
+) -> Downloaded | FileProblem:
+    """The file downloaded again into ``work``, or the problem settled as why not.
+
+    Shared by the folder's and the bucket's repair: an expired URL or a failed
+    download is unrepairable; other bytes than the archived ones are a change at
+    the host, taken only when ``accept_changed``.
+    """
+    expires = parse_time(row.expire_time)
+    if expires is not None and expires <= datetime.now(UTC):
+        return problem.settled(Problem.UNREPAIRABLE, f"its URL expired at {row.expire_time}")
+    remote = RemoteFile(index=row.index, url=row.url, expire_time=expires, md5=row.md5)
+    try:
+        got = await downloader.download(row.task_id, remote, work)
+    except TaskError as exc:
+        # A partial download stays in the work folder, as after a fetch: the next
+        # repair resumes it, and a fetch's clean-up drops it once it is stale.
+        return problem.settled(Problem.UNREPAIRABLE, f"download failed: {exc}")
+    except OSError as exc:
+        raise archive_error(exc, work) from exc
+    changed = row.sha256 is not None and got.sha256 != row.sha256
+    if changed and not accept_changed:
+        got.path.unlink(missing_ok=True)
+        return problem.settled(
+            Problem.CHANGED_AT_HOST,
+            f"the host now serves other bytes (sha256 {got.sha256}); "
+            "the archived copy is left as it was",
+        )
+    return got
+
+
+def repair_downloader(settings: Settings, progress: VerifyProgress) -> Downloader:
+    """A downloader for repairs: the file host only, one file at a time."""
+    return Downloader(
+        timeout=settings.timeout,
+        policy=RetryPolicy(retries=settings.retries, base=settings.retry_wait),
+        max_file_size=settings.max_file_size,
+        api_origin=Url.parse(settings.base_url).origin if settings.base_url else None,
+        connections=1,
+        proxies=settings.proxies,
+        on_bytes=progress.bytes_received,
+    )
+
+
+async def until_stopped(
+    stop: asyncio.Event, work: Coroutine[Any, Any, FileProblem]
+) -> FileProblem | None:
     """``work``'s result, or None when ``stop`` is set first (``work`` is then cancelled)."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())

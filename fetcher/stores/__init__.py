@@ -130,11 +130,34 @@ class ArchiveStore(Protocol):
     async def committed(self) -> None:
         """The run's state is closed and durable: keep a copy of it where the archive is."""
 
+    async def restore_state(self) -> bool:
+        """After :meth:`open`: bring the state here from the archive if only it has one.
+
+        False when there is no state anywhere: no archive yet.
+        """
+
+
+async def fetch_state(store: ArchiveStore) -> bool:
+    """Whether the store has a state on this machine, restoring it from the archive if need be."""
+    if store.exists():
+        return True
+    await store.open()
+    try:
+        return await store.restore_state()
+    finally:
+        await store.close()
+
 
 def open_store(archive: Path | BucketUrl, settings: Settings | None = None) -> ArchiveStore:
     """The store an ``archive`` setting names; a bucket's library is imported only here."""
     if isinstance(archive, BucketUrl):
-        raise UsageError(f"{archive}: archiving into a bucket is not available in this version")
+        try:
+            from .s3 import S3Store
+        except ImportError:
+            raise UsageError(
+                f"archiving into {archive} needs aiobotocore: pip install 'fetcher[s3]'"
+            ) from None
+        return S3Store(archive, settings)
     from .local import Archive
 
     return Archive(archive)

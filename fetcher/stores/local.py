@@ -85,6 +85,9 @@ class Archive:
     async def committed(self) -> None:
         """The state database is inside the archive already."""
 
+    async def restore_state(self) -> bool:
+        return self.exists()
+
     # -- the folder ----------------------------------------------------------------------
 
     def clean_work(self, now: float | None = None) -> None:
@@ -95,18 +98,8 @@ class Archive:
         (sidecar temp files, partials without a record, records without a partial)
         goes.
         """
-        cutoff = (now or time.time()) - RESUME_WINDOW
         try:
-            entries = {entry.name: entry for entry in self.work_dir.iterdir()}
-            for name, entry in entries.items():
-                partner = name[: -len(".json")] if name.endswith(".part.json") else name + ".json"
-                keep = (
-                    name.endswith((".part", ".part.json"))
-                    and partner in entries
-                    and entry.stat().st_mtime >= cutoff
-                )
-                if not keep:
-                    entry.unlink(missing_ok=True)
+            clean_work_folder(self.work_dir, now)
         except OSError as exc:
             raise archive_error(exc, self.work_dir) from exc
 
@@ -166,9 +159,7 @@ class Archive:
         return LockedError(f"another fetcher run holds the lock on {str(self.root)!r}{detail}")
 
     def work_path(self, task_id: str, index: int) -> Path:
-        """A work file name that is stable per file (for resume) and always short."""
-        digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
-        return self.work_dir / f"{digest}-{index}.part"
+        return work_file(self.work_dir, task_id, index)
 
     def resolve(self, relative: PurePosixPath | str) -> Path:
         """An archive-relative path as an absolute one, refusing anything that escapes.
@@ -278,6 +269,32 @@ class Archive:
             temp.unlink(missing_ok=True)
             raise archive_error(exc, target) from exc
         return target
+
+
+def work_file(folder: Path, task_id: str, index: int) -> Path:
+    """A work file name that is stable per file (for resume) and always short."""
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+    return folder / f"{digest}-{index}.part"
+
+
+def clean_work_folder(folder: Path, now: float | None = None, keep: tuple[str, ...] = ()) -> None:
+    """Drop a work folder's leftovers: all but resumable partials and files ending in ``keep``.
+
+    A partial download stays while its ``.json`` record does (the next attempt
+    resumes it) unless it is older than any file URL lives; so do ``keep``'s files
+    within that age. Everything else (sidecar temp files, partials without a
+    record, records without a partial) goes.
+    """
+    cutoff = (now or time.time()) - RESUME_WINDOW
+    entries = {entry.name: entry for entry in folder.iterdir()}
+    for name, entry in entries.items():
+        partner = name[: -len(".json")] if name.endswith(".part.json") else name + ".json"
+        resumable = name.endswith((".part", ".part.json")) and partner in entries
+        wanted = resumable or (bool(keep) and name.endswith(keep))
+        if not (wanted and entry.stat().st_mtime >= cutoff):
+            if entry.is_dir():
+                continue
+            entry.unlink(missing_ok=True)
 
 
 def _try_lock(fd: int) -> bool:

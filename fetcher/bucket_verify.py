@@ -1,0 +1,183 @@
+"""Checking a bucket archive against its state, and repairing what can be repaired.
+
+Each object the state records as done is looked at with a HEAD: its size and
+the SHA-256 stored with it (``x-amz-meta-sha256``) against the row, no body
+read. ``deep`` reads every object and hashes its bytes instead. The state is
+opened read-only and no lock is taken for the check.
+
+A repair takes the bucket's lock only when something needs repairing. Each
+problem file is downloaded again from its host, exactly as a folder's repair
+does (:func:`fetcher.verify.download_again`), uploaded over the damaged or
+missing object, and recorded; with changed bytes accepted, the task's sidecar
+is written again from the state. A bucket keeps no quarantine: the damaged
+object is overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+from .config import Settings
+from .errors import UsageError
+from .progress import NullProgress
+from .sidecar import build_sidecar
+from .state import FileRow, StateDB
+from .stores import BucketUrl, Placed
+from .verify import (
+    FileProblem,
+    Problem,
+    Repairer,
+    VerifyProgress,
+    VerifyReport,
+    download_again,
+)
+
+if TYPE_CHECKING:
+    from .stores.s3 import S3Store
+
+#: Objects looked at concurrently during a check.
+CHECKS_IN_FLIGHT = 8
+
+
+async def verify_bucket(
+    url: BucketUrl,
+    *,
+    repair: bool,
+    settings: Settings,
+    deep: bool = False,
+    progress: VerifyProgress | None = None,
+    accept_changed: bool = False,
+    stop: asyncio.Event | None = None,
+) -> VerifyReport:
+    """Check every archived object in the bucket against the state; with ``repair``, fix them."""
+    from .stores.s3 import S3Store
+
+    store = S3Store(url, settings)
+    listener = progress or NullProgress()
+    halt = stop or asyncio.Event()
+
+    def report(checked: int, problems: list[FileProblem]) -> VerifyReport:
+        return VerifyReport(store.name, repair, checked, problems, accept_changed, halt.is_set())
+
+    await store.open()
+    try:
+        if not await store.restore_state():
+            raise UsageError(f"no fetcher archive in {store.name!r}")
+        with StateDB(store.db_path, readonly=True) as db:
+            checked, problems = await _check_all(store, db, deep, listener, halt)
+        if not repair or not problems or halt.is_set():
+            return report(checked, problems)
+        async with store.wait_lock(None, halt) as held:
+            if not held:
+                return report(checked, problems)
+            with StateDB(store.db_path) as db:
+                repairer = _Repairer(store, db, settings, listener, accept_changed, deep)
+                problems = await repairer.repair_all(problems, halt)
+            await store.committed()
+        return report(checked, problems)
+    finally:
+        await store.close()
+
+
+async def _check_all(
+    store: S3Store, db: StateDB, deep: bool, progress: VerifyProgress, stop: asyncio.Event
+) -> tuple[int, list[FileProblem]]:
+    checked = 0
+    problems: list[FileProblem] = []
+    slots = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+
+    async def one(row: FileRow) -> FileProblem | None:
+        async with slots:
+            if stop.is_set():
+                return None
+            found = await check_object(store, row, deep, progress)
+            progress.file_done()
+            return found
+
+    for page in db.done_file_pages():
+        if stop.is_set():
+            break
+        for row in page:
+            progress.file_queued(row.size)
+        found = await asyncio.gather(*(one(row) for row in page))
+        checked += len(page) if not stop.is_set() else 0
+        problems += [p for p in found if p is not None]
+    return checked, problems
+
+
+async def check_object(
+    store: S3Store, row: FileRow, deep: bool, progress: VerifyProgress
+) -> FileProblem | None:
+    """None when the object has the size and SHA-256 its row recorded."""
+
+    def found(problem: Problem, detail: str) -> FileProblem:
+        return FileProblem(row, problem, problem, detail)
+
+    if row.path is None:
+        return found(Problem.MISSING, "the state records no path")
+    key = store.url.key(row.path)
+    head = await store.bucket.head(key)
+    if head is None:
+        return found(Problem.MISSING, "no such object")
+    size = head.get("ContentLength")
+    if row.size is not None and size != row.size:
+        return found(Problem.CORRUPT, f"{size} bytes, recorded {row.size}")
+    if deep:
+        digest = await store.bucket.read(key, lambda block: progress.bytes_received(len(block)))
+        if digest is None:
+            return found(Problem.MISSING, "no such object")
+    else:
+        digest = head.get("Metadata", {}).get("sha256")
+        if digest is None:
+            return found(Problem.CORRUPT, "no sha256 stored with the object")
+    if row.sha256 is not None and digest != row.sha256:
+        return found(Problem.CORRUPT, f"sha256 {digest}, recorded {row.sha256}")
+    return None
+
+
+class _Repairer(Repairer):
+    """A bucket's repair: the file uploaded again over its object."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        db: StateDB,
+        settings: Settings,
+        progress: VerifyProgress,
+        accept_changed: bool,
+        deep: bool,
+    ) -> None:
+        super().__init__(db, settings, progress, accept_changed=accept_changed)
+        self.store = store
+        #: Checked again as it was found: a change only --deep sees must not pass a HEAD.
+        self.deep = deep
+
+    async def repair(self, problem: FileProblem) -> FileProblem:
+        row = problem.row
+        if await check_object(self.store, row, self.deep, self.progress) is None:
+            return problem.settled(Problem.REPAIRED, "matches its row again (repaired meanwhile)")
+        if row.path is None:
+            return problem.settled(Problem.UNREPAIRABLE, "no path to put it back at")
+        work = self.store.work_path(row.task_id, row.index)
+        got = await download_again(self.downloader, row, work, problem, self.accept_changed)
+        if isinstance(got, FileProblem):
+            return got
+        placed = Placed(row.path, got.size, got.sha256, got.content_type)
+        await self.store.put_file(got.path, placed)
+        self.record(row, got)
+        if row.sha256 is not None and got.sha256 != row.sha256:
+            await self._rewrite_sidecar(row.task_id)
+            note = f"downloaded again, but the host's bytes differ: sha256 {got.sha256}"
+            return problem.settled(Problem.REPLACED_DIFFERENT, note + "; sidecar written again")
+        return problem.settled(Problem.REPAIRED, f"uploaded again ({got.size} bytes, same sha256)")
+
+    async def _rewrite_sidecar(self, task_id: str) -> None:
+        stored = self.db.stored_task(task_id)
+        if stored is None:
+            return
+        task, folder = stored
+        rows = self.db.files_of(task_id)
+        document = build_sidecar(task, rows, folder)
+        await self.store.put_sidecar(PurePosixPath(folder), document)
