@@ -131,7 +131,8 @@ def archive_status(
     """
     archive = open_store(root, settings)
     # A bucket's state may be only in its snapshot on a host that never ran there.
-    if not archive.exists() and not asyncio.run(fetch_state(archive)):
+    restorable = isinstance(root, BucketUrl)
+    if not archive.exists() and not (restorable and asyncio.run(fetch_state(archive))):
         raise UsageError(f"no fetcher archive at {archive.name!r}")
     now = now or datetime.now(UTC)
     with StateDB(archive.db_path, readonly=True) as db:

@@ -1061,6 +1061,9 @@ _ENV_VALUES: dict[str, tuple[str, object]] = {
     "rate": ("7", 7.0),
     "max_file_size": ("1024", 1024),
     "layout": ("{task_type}/{task_id}", "{task_type}/{task_id}"),
+    "s3_endpoint": ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    "s3_addressing": ("path", "path"),
+    "state": ("/srv/state.sqlite", Path("/srv/state.sqlite")),
 }
 
 
