@@ -86,7 +86,7 @@ class Gate:
             return web.Response(status=401, text="401: wrong token\n")
         rest = [(k, v) for k, v in request.query.items() if k != "token"]
         target = request.path + ("?" + urlencode(rest) if rest else "")
-        answer = web.HTTPSeeOther(target)
+        answer = web.Response(status=303, headers={"Location": target})
         answer.set_cookie(
             _cookie(request), offered, httponly=True, samesite="Strict", path="/", max_age=None
         )
