@@ -531,6 +531,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("Point it at the real gateway:")
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
     print(f"  {_invocation()} fetch task_ids.txt --archive {shlex.quote(str(result.archive))}")
+    print("See it in a browser:")
+    print(f"  {_invocation()} serve --archive {shlex.quote(str(result.archive))} --open")
     return 0
 
 

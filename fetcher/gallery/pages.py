@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..catalog import Card, CardFile, Facets
+from ..models import format_time
 from ..sizes import format_size
 from ..state import STATES
 from .params import Filters
@@ -54,7 +55,7 @@ def card_json(card: Card, filters: str) -> dict[str, Any]:
         "task_id": card.task_id,
         "state": card.state,
         "task_type": card.task_type,
-        "created_at": card.created_at,
+        "created_at": format_time(card.created_at),
         "model": card.model,
         "model_version": card.model_version,
         "prompt": card.prompt,
@@ -130,7 +131,9 @@ def _tile(card: Card, filters: str) -> str:
             "muted playsinline></video>"
         )
     meta = " · ".join(
-        _e(part) for part in (card.model, (card.created_at or "")[:10], card.state) if part
+        _e(part)
+        for part in (card.model, (format_time(card.created_at) or "")[:10], card.state)
+        if part
     )
     return (
         f'<li class="card state-{_e(card.state)}">'
@@ -204,8 +207,8 @@ def task_page(card: Card, sidecar: str | None, filters: str) -> str:
         ("state", card.state),
         ("type", card.task_type),
         ("model", " ".join(p for p in (card.model, card.model_version) if p) or None),
-        ("created", card.created_at),
-        ("finished", card.finished_at),
+        ("created", format_time(card.created_at)),
+        ("finished", format_time(card.finished_at)),
         ("folder", card.folder),
         ("failure", card.reason),
         ("negative prompt", card.negative_prompt),

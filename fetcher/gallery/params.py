@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlencode
 
 from ..catalog import Query
@@ -75,11 +75,15 @@ def _limit(value: str | None) -> int:
     return int(value)
 
 
-def _day(chosen: Mapping[str, str], name: str) -> date | None:
+def _day(chosen: Mapping[str, str], name: str) -> datetime | None:
+    """The form's day as the catalog's bound: ``since`` from its start, ``until`` (a day
+    the user means to include) up to the start of the next day, UTC."""
     value = chosen.get(name)
     if value is None:
         return None
     try:
-        return date.fromisoformat(value)
-    except ValueError:
+        day = date.fromisoformat(value)
+        start = datetime.combine(day, time(), UTC)
+        return start + timedelta(days=1) if name == "until" else start
+    except (ValueError, OverflowError):
         raise BadParameter(f"{name}: {value[:40]!r} is not a date (YYYY-MM-DD)") from None

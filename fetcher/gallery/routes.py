@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..catalog import Card, CardFile, Catalog, Query
+from ..errors import UsageError
 from .guard import Outside, contained
 from .pages import card_json, grid_page, task_page
 from .params import BadParameter, Filters, read_filters
@@ -58,7 +59,8 @@ def _filters(request: web.Request, *, paged: bool = True) -> Filters:
 
 
 async def _find(request: web.Request, query: Query, *more: str) -> Any:
-    """``catalog.find(query)`` (and the named extra answers); a cursor it refuses is a 400."""
+    """``catalog.find(query)`` (and the named extra answers); a query it refuses (a cursor
+    it did not make, too many words) is a 400 that says why."""
 
     def ask(catalog: Catalog) -> Any:
         page = catalog.find(query)
@@ -66,8 +68,8 @@ async def _find(request: web.Request, query: Query, *more: str) -> Any:
 
     try:
         return await request.app[READER].ask(ask)
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=f"400: after: {exc}\n") from None
+    except UsageError as exc:
+        raise web.HTTPBadRequest(text=f"400: {exc}\n") from None
 
 
 async def grid(request: web.Request) -> web.Response:
