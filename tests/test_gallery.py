@@ -300,6 +300,8 @@ def test_a_token_guards_every_request(archive: Path) -> None:
         assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
         assert get(base, "/?q=pig", {"Cookie": cookie})[0] == 200
         assert get(base, "/", {"Host": "evil.example"})[0] == 401
+        status, headers, _ = get(base, f"/task/%0d%0aSet-Cookie:x=1?token={TOKEN}")
+        assert status == 303 and headers["Location"] == "/task/%0d%0aSet-Cookie:x=1"
 
 
 def test_loopback_without_token_answers_loopback_names_only(url: str) -> None:

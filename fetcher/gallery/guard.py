@@ -85,7 +85,8 @@ class Gate:
         if not self._valid(offered):
             return web.Response(status=401, text="401: wrong token\n")
         rest = [(k, v) for k, v in request.query.items() if k != "token"]
-        target = request.path + ("?" + urlencode(rest) if rest else "")
+        # The path as it came, still percent-encoded: nothing decoded reaches a header.
+        target = request.raw_path.split("?", 1)[0] + ("?" + urlencode(rest) if rest else "")
         answer = web.Response(status=303, headers={"Location": target})
         answer.set_cookie(
             _cookie(request), offered, httponly=True, samesite="Strict", path="/", max_age=None
