@@ -337,6 +337,18 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``fetcher serve ARGS`` to its end (the cases that never get to listen)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fetcher", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=30,
+        check=False,
+    )
+
+
 def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "fetcher", "serve", *args],
@@ -414,14 +426,7 @@ def test_serve_refuses_bad_places_in_one_line(
 ) -> None:
     """A non-loopback host without a token, a host that does not resolve or is not this
     machine's, a port that is not a number: one line, exit 2."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fetcher", "serve", "--archive", str(archive), "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=30,
-        check=False,
-    )
+    result = _serve(["--archive", str(archive), "--port", "0", *args], tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert message in result.stderr
@@ -429,14 +434,7 @@ def test_serve_refuses_bad_places_in_one_line(
 
 def test_serve_needs_an_archive(tmp_path: Path) -> None:
     """A folder with no archive in it: one line, exit 2."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fetcher", "serve", "--archive", str(tmp_path), "--port", "0"],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        timeout=30,
-        check=False,
-    )
+    result = _serve(["--archive", str(tmp_path), "--port", "0"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"fetcher: error: no fetcher archive at {str(tmp_path)!r}"
 
