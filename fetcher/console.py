@@ -93,6 +93,12 @@ class LogProgress:
     def message(self, text: str) -> None:
         log.warning("%s", text)
 
+    def indexed(self, done: int, total: int) -> None:
+        if done == 0:
+            log.info("indexing %d tasks archived before search existed (once)", total)
+        elif done >= total:
+            log.info("search index built: %d tasks", total)
+
     def __enter__(self) -> Self:
         return self
 
@@ -116,6 +122,9 @@ class BarProgress(LogProgress):
         self._tasks = tqdm(desc="tasks", unit="task", position=0, **common)
         self._files = tqdm(desc="files", unit="file", total=0, position=1, **common)
         self._bytes = _byte_bar(desc="bytes", position=2, **common)
+        self._common = common
+        #: The search index's bar, shown only while an older archive is indexed.
+        self._index: Any = None
         _TqdmAwareHandler.bars_active = True
 
     def task_done(self, outcome: TaskOutcome) -> None:
@@ -136,14 +145,24 @@ class BarProgress(LogProgress):
     def bytes_received(self, count: int) -> None:
         self._bytes.update(count)
 
+    def indexed(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._index is None:
+            self._index = tqdm(
+                desc="indexing for search", unit="task", total=total, position=3, **self._common
+            )
+        self._index.update(done - self._index.n)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for bar in (self._tasks, self._files, self._bytes):
-            bar.close()
+        for bar in (self._tasks, self._files, self._bytes, self._index):
+            if bar is not None:
+                bar.close()
         _TqdmAwareHandler.bars_active = False
 
 

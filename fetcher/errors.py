@@ -8,6 +8,8 @@ that task's outcome, so the rest of the run goes on::
     ├── UsageError                    exit 2   bad flag, setting or layout
     │   ├── ConfigError               exit 2   unreadable or invalid config file
     │   ├── InputError                exit 2   unreadable task-ID file
+    │   ├── CatalogError              exit 2   a search or listing asked amiss (bad cursor,
+    │                                          state, limit)
     │   ├── GatewayError              exit 2   the base URL reaches no gateway (first queries)
     │   └── ListenError               exit 2   the gallery cannot listen there (port in use)
     ├── AuthError                     exit 2   the API rejected the key (401, AuthFailure.*,
@@ -90,6 +92,12 @@ class InputError(UsageError):
     """A task-ID file cannot be read."""
 
     code = "input"
+
+
+class CatalogError(UsageError):
+    """A search or listing cannot be answered as asked: a bad page cursor, state or limit."""
+
+    code = "catalog"
 
 
 class GatewayError(UsageError):
