@@ -2,7 +2,8 @@
 
 Builds an archive whose state holds ``--tasks`` archived tasks (100,000 by default;
 written straight with sqlite3 in fetcher's own schema, each with a prompt, a model
-and one file row, so the search index's triggers fill it as a fetch would), starts
+and one file row, then indexed by ``fetcher.index`` as an upgraded archive's first
+fetch indexes it), starts
 ``fetcher serve``'s application on a loopback port, and times over real HTTP
 (``http.client``, a new connection each time, as a browser's first visit):
 
@@ -34,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fetcher.gallery import GalleryOptions, serve
+from fetcher.index import build_index
 from fetcher.state import StateDB
 
 MODELS = (("GEM", "2.5"), ("Hunyuan", "3.0"), ("Kling", "2.1"), ("Seedream", "4.0"))
@@ -89,11 +91,20 @@ def build_archive(root: Path, tasks: int) -> Path:
             "VALUES (?, 0, ?, 'done', ?, 4096, '00', 'image/png')",
             file_rows,
         )
+        # These rows came in behind fetcher's back: its index is no longer whole.
+        conn.execute("DELETE FROM meta WHERE key = 'text_index'")
         conn.execute("COMMIT")
         conn.execute("PRAGMA journal_mode=WAL")  # as fetcher leaves it
     finally:
         conn.close()
+    with StateDB(db_path) as db:
+        build_index(db, _Quiet())  # as the first fetch after an upgrade does
     return root
+
+
+class _Quiet:
+    def indexed(self, done: int, total: int) -> None:
+        pass
 
 
 @contextmanager
