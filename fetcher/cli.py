@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only serve the replica until interrupted, to try 'fetcher fetch' against it",
     )
     _output_flags(demo)
+    _serve_parser(commands)
     return parser
 
 
@@ -247,6 +248,26 @@ def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
     return int(text)
+
+
+def _serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="browse and search the archive in a web browser (read-only)",
+        description="Serve a read-only gallery of the archive: a grid of thumbnails, "
+        "filters and search, each task's files, prompt and sidecar.",
+    )
+    serve.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=_count, default=8765, help="port (default 8765; 0 picks one)")
+    serve.add_argument("--open", action="store_true", help="open the gallery in a web browser")
+    serve.add_argument(
+        "--token",
+        help="require this token on every request (FETCHER_SERVE_TOKEN; needed off loopback)",
+    )
 
 
 def _count(text: str) -> int:
@@ -646,6 +667,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("Point it at the real gateway:")
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
     print(f"  {_invocation()} fetch task_ids.txt --archive {shlex.quote(str(result.archive))}")
+    print("See it in a browser:")
+    print(f"  {_invocation()} serve --archive {shlex.quote(str(result.archive))} --open")
     return 0
 
 
@@ -675,12 +698,38 @@ def _invocation() -> str:
     return f"{shlex.quote(sys.executable)} -m fetcher"
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``serve``: the gallery until SIGINT/SIGTERM, which end it cleanly (exit 0)."""
+    import webbrowser
+
+    from .gallery import GalleryOptions, serve
+
+    token = args.token or os.environ.get("FETCHER_SERVE_TOKEN") or None
+    options = GalleryOptions(
+        archive=_settings(args).archive, host=args.host, port=args.port, token=token
+    )
+
+    def ready(url: str) -> None:
+        print(f"serving {options.archive} at {url}", flush=True)
+        if token is not None:
+            print("every request needs the token: open the address once with ?token=<token>,")
+            print("or send 'Authorization: Bearer <token>'", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        if args.open:
+            webbrowser.open(url + (f"?token={token}" if token else ""))
+
+    logging.basicConfig(format="fetcher: %(message)s")
+    asyncio.run(_until_signal(lambda stop: serve(options, stop, ready), "stopping the gallery"))
+    return 0
+
+
 _COMMANDS = {
     "fetch": _fetch,
     "status": _status,
     "verify": _verify,
     "search": _search,
     "demo": _demo,
+    "serve": _serve,
 }
 
 
