@@ -52,6 +52,7 @@ from .errors import (
 )
 from .feed import batches
 from .ids import IdSource, Mark, iter_entries
+from .index import build_index_async
 from .layout import Layout, LayoutFields
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
@@ -174,9 +175,14 @@ async def _locked_run(
             summary.interrupted = True
             return summary
         await archive.clean()
-        with StateDB(archive.db_path) as db, db.grouped(asyncio.get_running_loop()):
-            run = _Run(settings, options, progress, archive, db, layout, summary)
-            await run.execute(sources, stop)
+        with StateDB(archive.db_path) as db:
+            # Once, for an archive recorded before search existed: its own commits.
+            if await build_index_async(db, progress, stop):
+                with db.grouped(asyncio.get_running_loop()):
+                    run = _Run(settings, options, progress, archive, db, layout, summary)
+                    await run.execute(sources, stop)
+            else:
+                summary.interrupted = True
         await archive.committed()
     return summary
 
@@ -408,7 +414,7 @@ class _Run:
             reason = f"status {task.status or 'unknown'} at the API"
             self._outcome(TaskOutcome(task.task_id, Outcome.PENDING, reason))
         elif task.state is TaskState.FAILED:
-            self._settle_failure(task.task_id, task.failure or "task failed", final=True)
+            self._settle_failure(task.task_id, task.failure or "task failed", final=True, task=task)
         elif dry:
             self._outcome(TaskOutcome(task.task_id, Outcome.READY, files=len(task.files)))
         else:
@@ -628,9 +634,11 @@ class _Run:
         _log.debug("internal error on %s", task_id, exc_info=exc)
         return str(TaskBug(f"internal error: {_bug(exc, self.settings.api_key)}", task_id=task_id))
 
-    def _settle_failure(self, task_id: str, reason: str, *, final: bool) -> None:
+    def _settle_failure(
+        self, task_id: str, reason: str, *, final: bool, task: Task | None = None
+    ) -> None:
         if not self.options.dry_run:
-            self.db.record_failure(task_id, reason, final=final)
+            self.db.record_failure(task_id, reason, final=final, task=task)
         if final:
             self._bookmarks.settled(task_id)
         self._outcome(TaskOutcome(task_id, Outcome.FAILED, reason))
