@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .archive import Archive
 from .errors import CatalogError, UsageError
@@ -34,6 +35,8 @@ from .state import STATES, TEXT_SCHEMA, StateDB, opt_text
 MAX_LIMIT = 1000
 #: The most words one search takes: each is a condition on every row it may match.
 MAX_TERMS = 32
+#: Up to this many matches, a search sorts them; past it, it walks the tasks newest first.
+FEW_MATCHES = 5000
 #: The trigram tokenizer indexes runs of this many characters; shorter words are scanned.
 TRIGRAM = 3
 
@@ -99,6 +102,34 @@ class Card:
     model_version: str | None
     reason: str | None
     files: tuple[CardFile, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The card as ``fetcher search --json`` prints it; its keys are a contract."""
+        return {
+            "task_id": self.task_id,
+            "state": self.state,
+            "task_type": self.task_type,
+            "created_at": format_time(self.created_at),
+            "finished_at": format_time(self.finished_at),
+            "folder": self.folder,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": self.model,
+            "model_version": self.model_version,
+            "reason": self.reason,
+            "files": [
+                {
+                    "index": f.index,
+                    "path": f.path,
+                    "size": f.size,
+                    "sha256": f.sha256,
+                    "content_type": f.content_type,
+                    "kind": f.kind,
+                    "state": f.state,
+                }
+                for f in self.files
+            ],
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +202,10 @@ class Catalog:
         """One page of the tasks ``query`` asks for, newest first."""
         if not 1 <= query.limit <= MAX_LIMIT:
             raise CatalogError(f"a page holds 1 to {MAX_LIMIT} tasks, not {query.limit}")
-        where, params = self._conditions(query)
+        where, params, source = self._conditions(query)
         sql = (
             f"SELECT {_CARD_COLUMNS}, {', '.join(self._text)}, {_LISTED_T} "  # noqa: S608
-            f"FROM {self._from} WHERE {' AND '.join(where) or '1'} "
+            f"FROM {source} WHERE {' AND '.join(where) or '1'} "
             f"ORDER BY {_LISTED_T} DESC, t.task_id DESC LIMIT ?"
         )
         rows = self._db.query(sql, (*params, query.limit + 1))
@@ -208,7 +239,8 @@ class Catalog:
             self._db.counts(),
         )
 
-    def _conditions(self, query: Query) -> tuple[list[str], list[object]]:
+    def _conditions(self, query: Query) -> tuple[list[str], list[object], str]:
+        """The WHERE conditions and their parameters, and the FROM clause they apply to."""
         where: list[str] = []
         params: list[object] = []
         if query.task_type is not None:
@@ -236,21 +268,46 @@ class Catalog:
             listed, task_id = _uncursor(query.after)
             where.append(f"{_LISTED_T} <= ? AND ({_LISTED_T} < ? OR t.task_id < ?)")
             params += [listed, listed, task_id]
-        self._match(terms(query.text), where, params)
-        return where, params
+        source = self._match(terms(query.text), where, params)
+        return where, params, source
 
-    def _match(self, words: Sequence[str], where: list[str], params: list[object]) -> None:
-        """Every word must be found in the task's ID or words (ANDed conditions)."""
+    def _match(self, words: Sequence[str], where: list[str], params: list[object]) -> str:
+        """Every word must be found in the task's ID or words (ANDed conditions).
+
+        Returns the FROM clause. Few matches (a rare word, or none): the index's
+        matches are taken and sorted, rather than walking every task newest first
+        looking for them (145 ms for no match over 100,000 tasks). Many: the walk
+        finds a page of them in its first rows, where sorting them all would not.
+        """
+        source = self._from
         indexed = [w for w in words if self._indexed and len(w) >= TRIGRAM]
         if indexed:
-            where.append("x.id IN (SELECT rowid FROM task_search WHERE task_search MATCH ?)")
-            params.append(" ".join(_fts_string(w) for w in indexed))
+            match = " ".join(_fts_string(w) for w in indexed)
+            if self._matches_at_most(match, FEW_MATCHES):
+                source = (
+                    "task_search s CROSS JOIN task_text x ON x.id = s.rowid "
+                    "CROSS JOIN tasks t ON t.task_id = x.task_id"
+                )
+                where.append("task_search MATCH ?")
+            else:
+                where.append("x.id IN (SELECT rowid FROM task_search WHERE task_search MATCH ?)")
+            params.append(match)
         for word in words:
             if word in indexed:
                 continue
             columns = ("t.task_id", *self._text)
             where.append("(" + " OR ".join(f"instr(lower({c}), lower(?))" for c in columns) + ")")
             params += [word] * len(columns)
+        return source
+
+    def _matches_at_most(self, match: str, count: int) -> bool:
+        """Whether the index holds ``count`` matches or fewer (it counts no further)."""
+        row = self._db.query_one(
+            "SELECT COUNT(*) FROM (SELECT rowid FROM task_search WHERE task_search MATCH ? "
+            "LIMIT ?)",
+            (match, count + 1),
+        )
+        return row is not None and int(str(row[0])) <= count
 
     def _cards(self, rows: Sequence[tuple[object, ...]]) -> tuple[Card, ...]:
         ids = [str(r[0]) for r in rows]

@@ -166,6 +166,31 @@ class BarProgress(LogProgress):
         _TqdmAwareHandler.bars_active = False
 
 
+class IndexBar:
+    """The search index's bar alone, for ``fetcher search`` on an archive being indexed."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._bar: Any = None
+
+    def indexed(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(
+                desc="indexing for search",
+                unit="task",
+                total=total,
+                file=self._stream,
+                disable=not self._stream.isatty(),
+            )
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 #: The bytes bar in the summary's units: tqdm's own scaling would print ``kB`` for KiB
 #: and a rate in powers of 1000 beside a count in powers of 1024.
 _BYTE_BAR_FORMAT = "{desc}: {size} [{elapsed}, {speed}]"

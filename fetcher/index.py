@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
-from .state import TEXT_SCHEMA, StateDB, upsert_text
+from .archive import Archive
+from .errors import LockedError
+from .state import SCHEMA_VERSION, TEXT_SCHEMA, StateDB, upsert_text
 
 #: Tasks indexed per transaction.
 INDEX_BATCH = 2000
@@ -36,6 +40,30 @@ def needs_index(db: StateDB) -> bool:
         return False
     row = db.query_one("SELECT value FROM meta WHERE key = 'text_index'")
     return row is None or row[0] != "whole"
+
+
+def index_archive(root: Path, progress: IndexProgress) -> bool:
+    """Before a search: index the archive at ``root`` if it predates the index.
+
+    Takes the lock, migrating the state, when there is something to do. Returns
+    False when that cannot be done now: another run holds the lock (that run
+    indexes it first thing), or the archive cannot be written (a backup, a
+    read-only mount); the search then reads the stored answers row by row.
+    """
+    archive = Archive(root)
+    if not archive.exists():
+        return True
+    with StateDB(archive.db_path, readonly=True) as db:
+        if db.version >= SCHEMA_VERSION and not needs_index(db):
+            return True
+    if not os.access(archive.meta_dir, os.W_OK) or not os.access(archive.db_path, os.W_OK):
+        return False
+    try:
+        with archive.lock(), StateDB(archive.db_path) as db:
+            build_index(db, progress)
+    except LockedError:
+        return False
+    return True
 
 
 def build_index(db: StateDB, progress: IndexProgress) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import add_image_task, add_video_task, run, task_id
+from conftest import ROOT, add_image_task, add_video_task, run, run_cli, task_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -277,3 +278,93 @@ def test_words_are_recorded_with_the_answer_and_follow_it(
         conn.execute("INSERT INTO task_search (task_search) VALUES ('integrity-check')")
     finally:
         conn.close()
+
+
+def test_fetcher_search_pig_after_fetcher_demo(tmp_path: Path) -> None:
+    """`fetcher demo` then `fetcher search pig`: one line, the pig's ID, folder and prompt."""
+    archive = tmp_path / "demo"
+    made = run_cli(["demo", "--archive", str(archive), "-q"])
+    assert made.returncode == 0, made.stderr
+    found = run_cli(["search", "pig", "--archive", str(archive)], env={"COLUMNS": "300"})
+    assert found.returncode == 0, found.stderr
+    assert found.stderr == ""
+    lines = found.stdout.splitlines()
+    assert len(lines) == 1
+    pig = "1392336703-AigcImageTask-47965947a83db42af4b1e3a74c243531t"
+    assert lines[0].startswith(f"{pig}  ")
+    assert lines[0].endswith("  pig")
+    assert "GEM 2.5  AigcImageTask/" in lines[0]
+
+
+JSON_KEYS = {
+    "task_id", "state", "task_type", "created_at", "finished_at", "folder", "prompt",
+    "negative_prompt", "model", "model_version", "reason", "files",
+}  # fmt: skip
+FILE_KEYS = {"index", "path", "size", "sha256", "content_type", "kind", "state"}
+
+
+def test_search_json_is_a_line_a_task_with_the_documented_keys(demo_archive: Path) -> None:
+    """--json: one object a line, newest first, exactly the keys the README lists."""
+    found = run_cli(["search", "--json", "--archive", str(demo_archive)])
+    assert found.returncode == 0, found.stderr
+    objects = [json.loads(line) for line in found.stdout.splitlines()]
+    assert len(objects) == 5
+    assert all(set(o) == JSON_KEYS for o in objects)
+    assert all(set(f) == FILE_KEYS for o in objects for f in o["files"])
+    created = [o["created_at"] for o in objects]
+    assert created == sorted(created, reverse=True)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Search", 1)[1]
+    assert all(f"`{key}`" in readme for key in JSON_KEYS | FILE_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(["--type", "AigcVideoTask"], 1, id="type"),
+        pytest.param(["--model", "GEM", "--state", "pending"], 1, id="model-state"),
+        pytest.param(["--state", "archived", "--state", "failed"], 4, id="states"),
+        pytest.param(["--limit", "2"], 2, id="limit"),
+        pytest.param(["--until", "2000-01-01"], 0, id="until"),
+        pytest.param(["--since", "2000-01-01T00:00:00Z"], 5, id="since"),
+        pytest.param(["red", "fox"], 1, id="words"),
+    ],
+)
+def test_search_flags_filter(demo_archive: Path, args: list[str], expected: int) -> None:
+    """Each flag narrows the list as documented."""
+    found = run_cli(["search", "--json", "--archive", str(demo_archive), *args])
+    assert found.returncode == 0, found.stderr
+    assert len(found.stdout.splitlines()) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--since", "yesterday"], id="since"),
+        pytest.param(["--until", "2026-13-01"], id="until"),
+        pytest.param(["--limit", "0"], id="limit-zero"),
+        pytest.param(["--limit", "-3"], id="limit-negative"),
+        pytest.param(["--limit", "many"], id="limit-word"),
+        pytest.param(["--state", "lost"], id="state"),
+    ],
+)
+def test_bad_search_flags_are_one_line_exit_2(demo_archive: Path, args: list[str]) -> None:
+    """A bad date, limit or state: one line on stderr naming it, exit 2, nothing on stdout."""
+    found = run_cli(["search", "pig", "--archive", str(demo_archive), *args])
+    assert found.returncode == 2
+    assert found.stdout == ""
+    assert len(found.stderr.splitlines()) == 1
+    assert found.stderr.startswith("fetcher: error: ")
+
+
+def test_search_indexes_an_old_archive_first(replica: Replica, settings: Settings) -> None:
+    """The first `fetcher search` on a schema-3 archive indexes it, then finds by the index."""
+    tid = task_id(4)
+    add_image_task(replica, tid, prompt="a badger under the moon")
+    run(settings, tid)
+    _as_schema_3(settings.archive / ".fetcher" / "state.sqlite")
+    found = run_cli(["search", "badger", "--archive", str(settings.archive)])
+    assert found.returncode == 0, found.stderr
+    assert found.stderr == ""
+    assert found.stdout.startswith(tid)
+    with reading(settings.archive) as catalog:
+        assert catalog.indexed_whole()
