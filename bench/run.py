@@ -11,7 +11,7 @@ added to its access logs). Two rows are yardsticks rather than rivals: curl maki
 fetcher's queries as well as its downloads, in (a), and ``md5sum`` over (c)'s file,
 the hashing that curl does not do.
 
-    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f] [--out bench/out] [--quick]
+    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f,i] [--out bench/out] [--quick]
     python bench/run.py --profile --workloads a,b    # fetcher under py-spy instead
 
 Needs nginx, aria2c, curl and md5sum on PATH (``apt-get install -y nginx aria2 curl``)
@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from catalog import CatalogRow
+from catalog import measure as catalog_row
+
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 SHM = Path("/dev/shm")  # noqa: S108 (RAM-backed on purpose: the disk must not be measured)
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +60,8 @@ PARALLEL = 16
 RUN_TIMEOUT = 900.0
 HELP_RUNS = 10
 TOOLS = ("fetcher", "curl", "aria2c")
+#: The workload measured in-process by bench/catalog.py: search and listing, no downloads.
+CATALOG = "i"
 #: curl doing fetcher's whole job in (a): the 2,000 keyed queries, then the 2,000 files.
 CURL_QF = "curl (queries + files)"
 #: (c)'s file hashed where it lies: the MD5 work fetcher does and curl does not.
@@ -138,6 +143,8 @@ class Bench:
     results: list[Measure] = field(default_factory=list)
     d_base: Path | None = None
     served: dict[str, Served] = field(default_factory=dict)
+    #: Row (i), when measured: the catalog's queries over 100,000 tasks.
+    catalog: CatalogRow | None = None
 
     @property
     def api_dir(self) -> Path:
@@ -1101,7 +1108,7 @@ def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[
 
 def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
     all_w = workloads(bench.args.quick)
-    selected = [all_w[k] for k in bench.args.workloads]
+    selected = [all_w[k] for k in bench.args.workloads if k in all_w]
     tables = {w.key: rows(bench.results, w) for w in selected}
     help_wall = statistics.median(help_walls) if help_walls else None
     lines = [
@@ -1145,6 +1152,8 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
     lines += ["", "## Workloads", ""]
     for w in selected:
         lines += workload_table(w, tables[w.key])
+    if bench.catalog is not None:
+        lines += bench.catalog.lines()
     if help_walls:
         lines += [
             f"### fetcher --help: median {help_wall:.3f} s of {len(help_walls)} "
@@ -1158,6 +1167,18 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
         f"Load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     )
     return "\n".join(lines) + "\n"
+
+
+# -- (i): the catalog ---------------------------------------------------------------------
+
+
+def measure_catalog(bench: Bench) -> CatalogRow:
+    """Row (i): ``bench/catalog.py``'s measures, on a state built in the work folder."""
+    say("bench: (i) building a state of 100,000 archived tasks, then timing the catalog")
+    row = catalog_row(bench.work)
+    for name in row.timings:
+        say(f"  {name}: {row.median(name) * 1000:.1f} ms")
+    return row
 
 
 # -- main -------------------------------------------------------------------------------
@@ -1178,9 +1199,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per tool and workload (default 5)")
     parser.add_argument(
         "--workloads",
-        default="a,b,c,d,e,f",
+        default="a,b,c,d,e,f,i",
         type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
-        help="comma-separated subset of a,b,c,d,e,f",
+        help="comma-separated subset of a,b,c,d,e,f,i",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="report folder")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, (c) 256 MiB")
@@ -1193,9 +1214,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and summarise where its samples go (OUT/profile-W.txt and .md)",
     )
     args = parser.parse_args(argv)
-    unknown = [k for k in args.workloads if k not in "abcdef" or len(k) != 1]
+    unknown = [k for k in args.workloads if k not in "abcdef" + CATALOG or len(k) != 1]
     if unknown or not args.workloads:
-        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e,f")
+        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e,f,{CATALOG}")
     args.workloads = sorted(set(args.workloads))
     args.runs = args.runs or (1 if args.quick or args.profile else 5)
     return args
@@ -1209,7 +1230,8 @@ def preflight(args: argparse.Namespace) -> Tools:
             say(f"  - {item}")
         say(f"on Debian/Ubuntu: {INSTALL_LINE}")
         raise SystemExit(2)
-    need = shm_needed([workloads(args.quick)[k] for k in args.workloads])
+    all_w = workloads(args.quick)
+    need = shm_needed([all_w[k] for k in args.workloads if k in all_w])
     free = shutil.disk_usage(SHM).free
     if free < need:
         raise SystemExit(
@@ -1261,6 +1283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if help_walls:
             say(f"fetcher --help: median {statistics.median(help_walls):.3f} s")
         for key in args.workloads:
+            if key == CATALOG:
+                bench.catalog = measure_catalog(bench)
+                continue
             run_workload(bench, logs, workloads(args.quick)[key], args.runs)
     finally:
         session.close()

@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-progress", action="store_true", help="no progress bars")
     verify.set_defaults(verbose=False)
 
+    _search_parser(commands)
+
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline against the bundled replica",
@@ -176,7 +178,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="only serve the replica until interrupted, to try 'fetcher fetch' against it",
     )
     _output_flags(demo)
+    _serve_parser(commands)
     return parser
+
+
+def _search_parser(commands: Any) -> None:
+    search = commands.add_parser(
+        "search",
+        help="find tasks in the archive by their words",
+        description="Find tasks in the archive by prompt, negative prompt, model or task ID "
+        "(a piece of any of them); newest first.",
+    )
+    search.add_argument(
+        "query",
+        nargs="*",
+        metavar="QUERY",
+        help='words that must all be found; "a quoted phrase" is one; none lists every task',
+    )
+    search.add_argument("--json", action="store_true", help="print a JSON object a task")
+    search.add_argument("--type", dest="task_type", metavar="T", help="only tasks of type T")
+    search.add_argument("--model", metavar="M", help="only tasks made with model M")
+    search.add_argument(
+        "--since", type=_date, metavar="DATE", help="only tasks created at or after DATE"
+    )
+    search.add_argument(
+        "--until",
+        type=_date_until,
+        metavar="DATE",
+        help="only tasks created before DATE ends (a day counts whole)",
+    )
+    search.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        default=[],
+        metavar="S",
+        help="only tasks in state S: archived, pending, incomplete, failed, expired (repeatable)",
+    )
+    search.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)"
+    )
+    search.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    search.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+
+
+def _date(text: str) -> Any:
+    """``2026-05-01`` (midnight UTC) or an ISO 8601 time (``2026-05-01T12:00:00Z``)."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (2026-05-01) or a time (2026-05-01T12:00:00Z)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _date_until(text: str) -> Any:
+    """Like :func:`_date`; a bare day means up to its end."""
+    from datetime import timedelta
+
+    moment = _date(text)
+    return moment + timedelta(days=1) if "T" not in text and " " not in text.strip() else moment
+
+
+def _positive(text: str) -> int:
+    """A whole number, 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, 1 or more")
+    return int(text)
+
+
+def _serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="browse and search the archive in a web browser (read-only)",
+        description="Serve a read-only gallery of the archive: a grid of thumbnails, "
+        "filters and search, each task's files, prompt and sidecar.",
+    )
+    serve.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=_count, default=8765, help="port (default 8765; 0 picks one)")
+    serve.add_argument("--open", action="store_true", help="open the gallery in a web browser")
+    serve.add_argument(
+        "--token",
+        help="require this token on every request (FETCHER_SERVE_TOKEN; needed off loopback)",
+    )
 
 
 def _count(text: str) -> int:
@@ -487,6 +578,72 @@ async def _until_signal(
     return result, (received[0] if received else None)
 
 
+def _search(args: argparse.Namespace) -> int:
+    """``search``: index an archive that predates the index, then print the matches."""
+    import contextlib
+    import shutil
+
+    from .catalog import Query, reading
+    from .console import IndexBar
+    from .index import index_archive
+    from .jsonlines import compact
+    from .models import one_line
+
+    root = _settings(args).archive
+    with contextlib.closing(IndexBar()) as bar:
+        whole = index_archive(root, bar)
+    query = Query(
+        text=" ".join(args.query),
+        task_type=args.task_type,
+        model=args.model,
+        since=args.since,
+        until=args.until,
+        states=tuple(args.states),
+    )
+    width = shutil.get_terminal_size().columns
+    with reading(root) as catalog:
+        if not (whole and catalog.indexed_whole()):
+            print(
+                "fetcher: warning: the search index is not built yet (another run holds the "
+                "lock, or the archive is read-only): searching row by row",
+                file=sys.stderr,
+            )
+        for card in _cards(catalog, query, args.limit):
+            if args.json:
+                print(compact(card.to_json()))
+            else:
+                print(_card_line(card, width, one_line))
+    return 0
+
+
+def _cards(catalog: Any, query: Any, limit: int) -> Any:
+    """Up to ``limit`` cards, page by page."""
+    from dataclasses import replace
+
+    from .catalog import MAX_LIMIT
+
+    left = limit
+    while left > 0:
+        page = catalog.find(replace(query, limit=min(left, MAX_LIMIT)))
+        yield from page.cards
+        left -= len(page.cards)
+        if page.next is None:
+            return
+        query = replace(query, after=page.next)
+
+
+def _card_line(card: Any, width: int, one_line: Callable[[str], str]) -> str:
+    """ID, created, model, folder, then the prompt cut to the terminal's width."""
+    created = card.created_at.strftime("%Y-%m-%d %H:%M") if card.created_at else "-"
+    model = " ".join(p for p in (card.model, card.model_version) if p) or "-"
+    head = f"{card.task_id}  {created}  {model}  {card.folder or '-'}  "
+    prompt = one_line(card.prompt or "")
+    room = max(width - len(head), 10)
+    if len(prompt) > room:
+        prompt = prompt[: room - 1] + "…"
+    return head + prompt
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .console import summary_line
     from .demo import run_demo, tree_lines
@@ -510,6 +667,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("Point it at the real gateway:")
     print("  export FETCHER_BASE_URL=https://your-gateway.example FETCHER_API_KEY=...")
     print(f"  {_invocation()} fetch task_ids.txt --archive {shlex.quote(str(result.archive))}")
+    print("See it in a browser:")
+    print(f"  {_invocation()} serve --archive {shlex.quote(str(result.archive))} --open")
     return 0
 
 
@@ -539,7 +698,39 @@ def _invocation() -> str:
     return f"{shlex.quote(sys.executable)} -m fetcher"
 
 
-_COMMANDS = {"fetch": _fetch, "status": _status, "verify": _verify, "demo": _demo}
+def _serve(args: argparse.Namespace) -> int:
+    """``serve``: the gallery until SIGINT/SIGTERM, which end it cleanly (exit 0)."""
+    import webbrowser
+
+    from .gallery import GalleryOptions, serve
+
+    token = args.token or os.environ.get("FETCHER_SERVE_TOKEN") or None
+    options = GalleryOptions(
+        archive=_settings(args).archive, host=args.host, port=args.port, token=token
+    )
+
+    def ready(url: str) -> None:
+        print(f"serving {options.archive} at {url}", flush=True)
+        if token is not None:
+            print("every request needs the token: open the address once with ?token=<token>,")
+            print("or send 'Authorization: Bearer <token>'", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        if args.open:
+            webbrowser.open(url + (f"?token={token}" if token else ""))
+
+    logging.basicConfig(format="fetcher: %(message)s")
+    asyncio.run(_until_signal(lambda stop: serve(options, stop, ready), "stopping the gallery"))
+    return 0
+
+
+_COMMANDS = {
+    "fetch": _fetch,
+    "status": _status,
+    "verify": _verify,
+    "search": _search,
+    "demo": _demo,
+    "serve": _serve,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

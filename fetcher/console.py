@@ -93,6 +93,12 @@ class LogProgress:
     def message(self, text: str) -> None:
         log.warning("%s", text)
 
+    def indexed(self, done: int, total: int) -> None:
+        if done == 0:
+            log.info("indexing %d tasks archived before search existed (once)", total)
+        elif done >= total:
+            log.info("search index built: %d tasks", total)
+
     def __enter__(self) -> Self:
         return self
 
@@ -116,6 +122,9 @@ class BarProgress(LogProgress):
         self._tasks = tqdm(desc="tasks", unit="task", position=0, **common)
         self._files = tqdm(desc="files", unit="file", total=0, position=1, **common)
         self._bytes = _byte_bar(desc="bytes", position=2, **common)
+        self._common = common
+        #: The search index's bar, shown only while an older archive is indexed.
+        self._index: Any = None
         _TqdmAwareHandler.bars_active = True
 
     def task_done(self, outcome: TaskOutcome) -> None:
@@ -136,15 +145,50 @@ class BarProgress(LogProgress):
     def bytes_received(self, count: int) -> None:
         self._bytes.update(count)
 
+    def indexed(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._index is None:
+            self._index = tqdm(
+                desc="indexing for search", unit="task", total=total, position=3, **self._common
+            )
+        self._index.update(done - self._index.n)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for bar in (self._tasks, self._files, self._bytes):
-            bar.close()
+        for bar in (self._tasks, self._files, self._bytes, self._index):
+            if bar is not None:
+                bar.close()
         _TqdmAwareHandler.bars_active = False
+
+
+class IndexBar:
+    """The search index's bar alone, for ``fetcher search`` on an archive being indexed."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._bar: Any = None
+
+    def indexed(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(
+                desc="indexing for search",
+                unit="task",
+                total=total,
+                file=self._stream,
+                disable=not self._stream.isatty(),
+            )
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 #: The bytes bar in the summary's units: tqdm's own scaling would print ``kB`` for KiB

@@ -8,7 +8,10 @@ that task's outcome, so the rest of the run goes on::
     ├── UsageError                    exit 2   bad flag, setting or layout
     │   ├── ConfigError               exit 2   unreadable or invalid config file
     │   ├── InputError                exit 2   unreadable task-ID file
-    │   └── GatewayError              exit 2   the base URL reaches no gateway (first queries)
+    │   ├── CatalogError              exit 2   a search or listing asked amiss (bad cursor,
+    │                                          state, limit)
+    │   ├── GatewayError              exit 2   the base URL reaches no gateway (first queries)
+    │   └── ListenError               exit 2   the gallery cannot listen there (port in use)
     ├── AuthError                     exit 2   the API rejected the key (401, AuthFailure.*,
     │                                          or 403 to every first query)
     ├── LockedError                   exit 75  another run holds the archive
@@ -91,10 +94,22 @@ class InputError(UsageError):
     code = "input"
 
 
+class CatalogError(UsageError):
+    """A search or listing cannot be answered as asked: a bad page cursor, state or limit."""
+
+    code = "catalog"
+
+
 class GatewayError(UsageError):
     """The run's first queries all failed to connect, or all got a bare 404: the base URL."""
 
     code = "gateway"
+
+
+class ListenError(UsageError):
+    """``fetcher serve`` cannot listen where it was told: the port is taken, the host unknown."""
+
+    code = "listen"
 
 
 class AuthError(FetcherError):

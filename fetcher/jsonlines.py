@@ -102,6 +102,9 @@ class JsonLinesProgress:
     def message(self, text: str) -> None:
         self._inner.message(text)
 
+    def indexed(self, done: int, total: int) -> None:
+        self._inner.indexed(done, total)
+
     def __enter__(self) -> Self:
         return self
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .api import ApiClient
-from .archive import Archive, archive_error
+from .archive import archive_error
 from .bookmarks import NO_FILE, BookmarkTracker
 from .config import Settings
 from .dedup import FirstSight
@@ -52,6 +52,7 @@ from .errors import (
 )
 from .feed import batches
 from .ids import IdSource, Mark, iter_entries
+from .index import build_index_async
 from .layout import Layout, LayoutFields
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
@@ -60,6 +61,7 @@ from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
 from .state import ARCHIVED, EXPIRED, FAILED, StateDB
+from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
 #: At most this many lines wait between the reading thread and the loop.
@@ -135,28 +137,54 @@ async def fetch(
     settings.require_api()
     options = options or FetchOptions()
     layout = Layout(settings.layout)
-    archive = Archive(settings.archive)
+    archive = open_store(settings.archive, settings)
     summary = summary if summary is not None else RunSummary()
-    summary.archive = str(archive.root)
+    summary.archive = archive.name
     if options.dry_run:
         # A read-only look: a database that is not there is an empty one in memory.
         path = archive.db_path if archive.exists() else IN_MEMORY
         with StateDB(path, readonly=path != IN_MEMORY) as db:
             run = _Run(settings, options, progress or NullProgress(), archive, db, layout, summary)
             return await run.execute(sources, stop)
-    archive.prepare()
     progress = progress or NullProgress()
+    try:
+        await archive.open()
+        return await _locked_run(
+            settings, options, progress, archive, layout, summary, sources, stop
+        )
+    finally:
+        await archive.close()
+
+
+async def _locked_run(
+    settings: Settings,
+    options: FetchOptions,
+    progress: Progress,
+    archive: ArchiveStore,
+    layout: Layout,
+    summary: RunSummary,
+    sources: Iterable[IdSource],
+    stop: asyncio.Event | None,
+) -> RunSummary:
+    """The run under the archive's lock; its state handed to the store once closed."""
     waiting = functools.partial(
-        progress.message, f"waiting for another run's lock on {archive.root}"
+        progress.message, f"waiting for another run's lock on {archive.name}"
     )
     async with archive.wait_lock(options.wait_lock, stop, waiting) as held:
         if not held:
             summary.interrupted = True
             return summary
-        archive.clean_work()
-        with StateDB(archive.db_path) as db, db.grouped(asyncio.get_running_loop()):
-            run = _Run(settings, options, progress, archive, db, layout, summary)
-            return await run.execute(sources, stop)
+        await archive.clean()
+        with StateDB(archive.db_path) as db:
+            # Once, for an archive recorded before search existed: its own commits.
+            if await build_index_async(db, progress, stop):
+                with db.grouped(asyncio.get_running_loop()):
+                    run = _Run(settings, options, progress, archive, db, layout, summary)
+                    await run.execute(sources, stop)
+            else:
+                summary.interrupted = True
+        await archive.committed()
+    return summary
 
 
 class _Run:
@@ -167,7 +195,7 @@ class _Run:
         settings: Settings,
         options: FetchOptions,
         progress: Progress,
-        archive: Archive,
+        archive: ArchiveStore,
         db: StateDB,
         layout: Layout,
         summary: RunSummary,
@@ -355,7 +383,7 @@ class _Run:
         while (task_id := await queries.get()) is not None:
             try:
                 task = await api.query(task_id)
-                self._dispatch(task)
+                await self._dispatch(task)
             except (Forbidden, NoQueryPath, Unreachable) as exc:
                 if api.first.settled:
                     self._settle_failure(task_id, str(exc), final=exc.final)
@@ -378,7 +406,7 @@ class _Run:
         for task_id, exc in held:
             self._settle_failure(task_id, str(exc), final=exc.final)
 
-    def _dispatch(self, task: Task) -> None:
+    async def _dispatch(self, task: Task) -> None:
         dry = self.options.dry_run
         if task.state is TaskState.PENDING:
             if not dry:
@@ -386,13 +414,13 @@ class _Run:
             reason = f"status {task.status or 'unknown'} at the API"
             self._outcome(TaskOutcome(task.task_id, Outcome.PENDING, reason))
         elif task.state is TaskState.FAILED:
-            self._settle_failure(task.task_id, task.failure or "task failed", final=True)
+            self._settle_failure(task.task_id, task.failure or "task failed", final=True, task=task)
         elif dry:
             self._outcome(TaskOutcome(task.task_id, Outcome.READY, files=len(task.files)))
         else:
-            self._queue_files(task)
+            await self._queue_files(task)
 
-    def _queue_files(self, task: Task) -> None:
+    async def _queue_files(self, task: Task) -> None:
         """Record a finished task and queue its files; never waits for a download.
 
         Files already in place stay so. Files still wanted may be in flight already,
@@ -408,7 +436,7 @@ class _Run:
             kept = started[1].get(remote.index)
             if kept is None:
                 queued += 1
-            elif not (kept.path and (self.archive.root / kept.path).is_file()):
+            elif not (kept.path and self.archive.has_file(kept.path)):
                 self.db.requeue_file(task.task_id, remote.index)
                 queued += 1
         # Requested even past its ExpireTime: only the host's refusal makes a file
@@ -416,7 +444,7 @@ class _Run:
         if queued:
             self._wake(queued)
         else:
-            self._settle_task(task.task_id)
+            await self._settle_task(task.task_id)
 
     def _wake(self, count: int) -> None:
         """Up to ``count`` idle download workers look at the queue again."""
@@ -444,15 +472,15 @@ class _Run:
             finally:
                 self._queue.release(item)
             self.progress.file_done()
-            self._settle_task(item.task_id)
+            await self._settle_task(item.task_id)
 
-    def _settle_task(self, task_id: str) -> None:
+    async def _settle_task(self, task_id: str) -> None:
         """Finish the task when none of its files is left in the queue."""
         if self.db.wanted_left(task_id):
             return
         self._fresh.pop(task_id, None)
         try:
-            self._finish(task_id)
+            await self._finish(task_id)
         except ArchiveError as exc:
             if not _one_place(exc):
                 raise
@@ -465,6 +493,11 @@ class _Run:
     async def _download_one(self, api: ApiClient, downloader: Downloader, item: QueuedFile) -> None:
         task_id, remote = item.task_id, item.remote
         work = self.archive.work_path(task_id, remote.index)
+        placed = await self.archive.stored(task_id, remote.index)
+        if placed is not None:
+            # A killed run put it in place but did not live to record it.
+            self._file_done(task_id, remote.index, placed)
+            return
         try:
             got = await self._fetch_file(api, downloader, task_id, remote, work)
         except FileExpired as exc:
@@ -485,23 +518,27 @@ class _Run:
             self._file_problem(task_id, remote, self._bug_reason(task_id, exc), expired=False)
             return
         relative = PurePosixPath(item.folder) / f"{remote.index:02d}{got.extension}"
+        placed = Placed(str(relative), got.size, got.sha256, got.content_type)
         try:
-            self.archive.place(got.path, relative)
+            await self.archive.put_file(got.path, placed)
         except ArchiveError as exc:
             if not _one_place(exc):
                 raise
             got.path.unlink(missing_ok=True)
             self._file_problem(task_id, remote, f"file {remote.index}: {exc}", expired=False)
             return
+        self._file_done(task_id, remote.index, placed)
+        self.summary.files_downloaded += 1
+
+    def _file_done(self, task_id: str, index: int, placed: Placed) -> None:
         self.db.file_done(
             task_id,
-            remote.index,
-            path=str(relative),
-            size=got.size,
-            sha256=got.sha256,
-            content_type=got.content_type,
+            index,
+            path=placed.path,
+            size=placed.size,
+            sha256=placed.sha256,
+            content_type=placed.content_type,
         )
-        self.summary.files_downloaded += 1
 
     def _bytes_received(self, count: int) -> None:
         """Counted as they arrive, so an interrupted run still says what came down."""
@@ -556,7 +593,7 @@ class _Run:
         state = EXPIRED if expired else FAILED
         self.db.file_failed(task_id, remote.index, state=state, reason=reason)
 
-    def _finish(self, task_id: str) -> None:
+    async def _finish(self, task_id: str) -> None:
         """Every file of the task is settled: write the sidecar, then commit.
 
         The task is read back from the database (its files' rows, and what its
@@ -569,7 +606,8 @@ class _Run:
         rows = self.db.files_of(task_id)
         count = sum(1 for r in rows if r.state == "done")
         if count:
-            self.archive.write_sidecar(PurePosixPath(folder), build_sidecar(task, rows, folder))
+            sidecar = build_sidecar(task, rows, folder)
+            await self.archive.put_sidecar(PurePosixPath(folder), sidecar)
         problems = [r for r in rows if r.state != "done"]
         if not problems:
             self.db.mark_archived(task_id)
@@ -596,9 +634,11 @@ class _Run:
         _log.debug("internal error on %s", task_id, exc_info=exc)
         return str(TaskBug(f"internal error: {_bug(exc, self.settings.api_key)}", task_id=task_id))
 
-    def _settle_failure(self, task_id: str, reason: str, *, final: bool) -> None:
+    def _settle_failure(
+        self, task_id: str, reason: str, *, final: bool, task: Task | None = None
+    ) -> None:
         if not self.options.dry_run:
-            self.db.record_failure(task_id, reason, final=final)
+            self.db.record_failure(task_id, reason, final=final, task=task)
         if final:
             self._bookmarks.settled(task_id)
         self._outcome(TaskOutcome(task_id, Outcome.FAILED, reason))

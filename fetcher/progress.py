@@ -33,6 +33,9 @@ class Progress(Protocol):
     def message(self, text: str) -> None:
         """Something the user should read (an invalid line, a warning)."""
 
+    def indexed(self, done: int, total: int) -> None:
+        """Tasks recorded before the search index existed: ``done`` of ``total`` indexed."""
+
 
 class NullProgress:
     """A listener that ignores everything."""
@@ -53,4 +56,7 @@ class NullProgress:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def indexed(self, done: int, total: int) -> None:
         pass

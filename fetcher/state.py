@@ -9,6 +9,8 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -99,8 +101,64 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE tasks ADD COLUMN detail TEXT",  # JSON: the answer's status and Input
         "CREATE INDEX IF NOT EXISTS files_queue ON files (state, expire_time IS NULL, expire_time)",
     ),
+    # 4: what the catalog (fetcher/catalog.py) searches and lists. A task's words sit in
+    # task_text, written in the step that records the task's answer; task_search is an
+    # FTS5 index over them kept by triggers (external content: the words are stored
+    # once). Its id is an INTEGER PRIMARY KEY because VACUUM may renumber a plain rowid,
+    # which would leave the index pointing at the wrong rows. The trigram tokenizer
+    # finds any run of three or more characters: prompts in Chinese have no spaces to
+    # split words at, and a piece of a task ID is found too. Tasks are listed newest
+    # first by their creation time (the first sighting for a task never answered), by
+    # those indexes, so a page deep in the list costs what the first one does.
+    (
+        """CREATE TABLE IF NOT EXISTS task_text (
+            id              INTEGER PRIMARY KEY,
+            task_id         TEXT NOT NULL UNIQUE REFERENCES tasks (task_id),
+            prompt          TEXT,
+            negative_prompt TEXT,
+            model           TEXT,
+            model_version   TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS task_text_by_model ON task_text (model)",
+        """CREATE VIRTUAL TABLE IF NOT EXISTS task_search USING fts5 (
+            task_id, prompt, negative_prompt, model, model_version,
+            content = 'task_text', content_rowid = 'id', tokenize = 'trigram'
+        )""",
+        """CREATE TRIGGER IF NOT EXISTS task_text_added AFTER INSERT ON task_text BEGIN
+            INSERT INTO task_search (rowid, task_id, prompt, negative_prompt, model, model_version)
+            VALUES (new.id, new.task_id, new.prompt, new.negative_prompt, new.model,
+                    new.model_version);
+        END""",
+        """CREATE TRIGGER IF NOT EXISTS task_text_removed AFTER DELETE ON task_text BEGIN
+            INSERT INTO task_search
+                (task_search, rowid, task_id, prompt, negative_prompt, model, model_version)
+            VALUES ('delete', old.id, old.task_id, old.prompt, old.negative_prompt, old.model,
+                    old.model_version);
+        END""",
+        """CREATE TRIGGER IF NOT EXISTS task_text_changed AFTER UPDATE ON task_text BEGIN
+            INSERT INTO task_search
+                (task_search, rowid, task_id, prompt, negative_prompt, model, model_version)
+            VALUES ('delete', old.id, old.task_id, old.prompt, old.negative_prompt, old.model,
+                    old.model_version);
+            INSERT INTO task_search (rowid, task_id, prompt, negative_prompt, model, model_version)
+            VALUES (new.id, new.task_id, new.prompt, new.negative_prompt, new.model,
+                    new.model_version);
+        END""",
+        "CREATE INDEX IF NOT EXISTS tasks_newest "
+        "ON tasks (COALESCE(created_at, first_seen), task_id)",
+        "CREATE INDEX IF NOT EXISTS tasks_by_type_newest "
+        "ON tasks (task_type, COALESCE(created_at, first_seen), task_id)",
+        "CREATE INDEX IF NOT EXISTS tasks_by_state_newest "
+        "ON tasks (state, COALESCE(created_at, first_seen), task_id)",
+        # Answers recorded before this migration are indexed by fetcher/index.py, under
+        # the lock, with a progress bar: not here, where a big archive would sit silent.
+        "INSERT OR REPLACE INTO meta VALUES ('text_index', CASE WHEN EXISTS "
+        "(SELECT 1 FROM tasks WHERE detail IS NOT NULL) THEN 'partial' ELSE 'whole' END)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+#: The first schema with the search index (task_text, task_search).
+TEXT_SCHEMA = 4
 
 #: Task states.
 PENDING = "pending"
@@ -170,6 +228,8 @@ class StateDB:
 
     def __enter__(self) -> Self:
         require_sqlite(sqlite3.sqlite_version_info)
+        if not self._readonly:
+            require_fts5()
         try:
             conn = self._connect()
             if not self._readonly:
@@ -448,12 +508,32 @@ class StateDB:
                 created_at=format_time(task.created),
                 reason=f"status {task.status or 'unknown'}",
             )
+            _upsert_text(conn, task)
 
     def record_failure(
-        self, task_id: str, reason: str, *, final: bool, state: str = FAILED
+        self,
+        task_id: str,
+        reason: str,
+        *,
+        final: bool,
+        state: str = FAILED,
+        task: Task | None = None,
     ) -> None:
+        """A task failed; ``task``, when the API described it, records its type, time and words."""
         with self.atomic() as conn:
-            self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
+            if task is None:
+                self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
+                return
+            self._upsert_task(
+                conn,
+                task_id,
+                state=state,
+                final=int(final),
+                reason=reason,
+                task_type=task.task_type,
+                created_at=format_time(task.created),
+            )
+            _upsert_text(conn, task)
 
     def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]] | None:
         """Record a finished task's files, which queues those not done.
@@ -482,6 +562,7 @@ class StateDB:
                 reason=None,
                 detail=json.dumps({"status": task.status, "input": dict(task.input)}),
             )
+            _upsert_text(conn, task)
             for remote in task.files:
                 self._upsert_file(conn, task.task_id, remote)
         if row is None:  # new to the database: nothing of it can be done yet
@@ -671,6 +752,36 @@ def _unclaimed(conn: sqlite3.Connection, task_id: str, folder: str) -> str:
     return f"{head}/{variant}" if head else variant
 
 
+def _upsert_text(conn: sqlite3.Connection, task: Task) -> None:
+    """The task's words for the search index, in the step that records its answer.
+
+    Rewritten only when they changed: a pending task asked about by every cron run
+    does not churn the index.
+    """
+    upsert_text(
+        conn,
+        task.task_id,
+        (task.prompt, task.negative_prompt, task.model_name, task.model_version),
+    )
+
+
+def upsert_text(
+    conn: sqlite3.Connection,
+    task_id: str,
+    words: tuple[str | None, str | None, str | None, str | None],
+) -> None:
+    """Record ``words`` (prompt, negative prompt, model name, model version) for a task."""
+    conn.execute(
+        "INSERT INTO task_text (task_id, prompt, negative_prompt, model, model_version) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET prompt = excluded.prompt, "
+        "negative_prompt = excluded.negative_prompt, model = excluded.model, "
+        "model_version = excluded.model_version "
+        "WHERE (prompt, negative_prompt, model, model_version) IS NOT "
+        "(excluded.prompt, excluded.negative_prompt, excluded.model, excluded.model_version)",
+        (task_id, *words),
+    )
+
+
 _FILE_SELECT = (
     "SELECT task_id, idx, url, expire_time, md5, state, path, size, sha256, content_type, reason "
     "FROM files"
@@ -702,6 +813,24 @@ def require_sqlite(version: tuple[int, int, int]) -> None:
         raise ArchiveError(
             f"SQLite {found} is too old: fetcher needs {needed} or newer "
             "(Python's sqlite3 module uses the SQLite it was built with)"
+        )
+
+
+@functools.cache
+def has_fts5() -> bool:
+    """Whether this Python's SQLite has FTS5 built in (python.org's and Debian's do)."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        options = {str(r[0]) for r in conn.execute("PRAGMA compile_options")}
+    return "ENABLE_FTS5" in options
+
+
+def require_fts5() -> None:
+    """Refuse, in one line, an SQLite without FTS5: the state's search index needs it."""
+    if not has_fts5():
+        raise ArchiveError(
+            f"SQLite {sqlite3.sqlite_version} has no FTS5 (full-text search), which the "
+            "archive's state needs: use a Python whose sqlite3 module has it (python.org's, "
+            "Debian's, Homebrew's do)"
         )
 
 
