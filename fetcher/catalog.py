@@ -224,15 +224,13 @@ class Catalog:
 
     def facets(self) -> Facets:
         """Task types and models present, and how many tasks are in each state."""
-        types = self._db.query(
-            "SELECT DISTINCT task_type FROM tasks WHERE task_type IS NOT NULL ORDER BY 1"
-        )
-        models_sql = (
-            "SELECT DISTINCT model FROM task_text WHERE model IS NOT NULL"
+        types = self._db.query(_distinct("tasks", "task_type"))
+        models = self._db.query(
+            _distinct("task_text", "model")
             if self._indexed
-            else f"SELECT DISTINCT {self._text[2]} AS model FROM tasks t WHERE model IS NOT NULL"  # noqa: S608
+            else f"SELECT DISTINCT {self._text[2]} AS model FROM tasks t "  # noqa: S608
+            "WHERE model IS NOT NULL ORDER BY 1"
         )
-        models = self._db.query(models_sql + " ORDER BY 1")
         return Facets(
             tuple(str(r[0]) for r in types),
             tuple(str(r[0]) for r in models),
@@ -337,6 +335,16 @@ class Catalog:
 _CARD_COLUMNS = "t.task_id, t.state, t.task_type, t.created_at, t.finished_at, t.dir, t.reason"
 #: The time a task is listed by, as migration 4's indexes hold it: made, else first seen.
 _LISTED_T = "COALESCE(t.created_at, t.first_seen)"
+
+
+def _distinct(table: str, column: str) -> str:
+    """The column's values, each once, in order: one index lookup per value (a few), not a
+    walk over every row (35 ms over 100,000 tasks, for three task types and models)."""
+    return (
+        f"WITH RECURSIVE seen (value) AS (SELECT MIN({column}) FROM {table} "  # noqa: S608
+        f"UNION ALL SELECT (SELECT MIN({column}) FROM {table} WHERE {column} > seen.value) "
+        "FROM seen WHERE seen.value IS NOT NULL) SELECT value FROM seen WHERE value IS NOT NULL"
+    )
 
 
 def _card(row: tuple[object, ...], files: tuple[CardFile, ...]) -> Card:

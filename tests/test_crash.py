@@ -210,11 +210,24 @@ def committed(world: World) -> Committed:
         }
         done = conn.execute("SELECT url, path, sha256 FROM files WHERE state = 'done'").fetchall()
         dirs = dict(conn.execute("SELECT task_id, dir FROM tasks"))
+        assert_searchable(conn)
     for _url, path, sha256 in done:
         assert sha256_of(world.archive / path) == sha256, f"{path}: row done, file not in place"
     for tid in archived:
         json.loads((world.archive / dirs[tid] / "task.json").read_text(encoding="utf-8"))
     return Committed(frozenset(archived), frozenset(urlsplit(r[0]).path for r in done))
+
+
+def assert_searchable(conn: sqlite3.Connection) -> None:
+    """Each task recorded with its answer has its words in the search index: same commit."""
+    answered = [r[0] for r in conn.execute("SELECT task_id FROM tasks WHERE detail IS NOT NULL")]
+    for tid in answered:
+        found = conn.execute(
+            "SELECT x.task_id FROM task_search s JOIN task_text x ON x.id = s.rowid "
+            "WHERE task_search MATCH ?",
+            (f'task_id : "{tid}"',),
+        ).fetchall()
+        assert found == [(tid,)], f"{tid}: recorded, not in the search index"
 
 
 def sha256_of(path: Path) -> str:
