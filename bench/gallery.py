@@ -1,110 +1,38 @@
-"""The gallery over HTTP on a large archive: the grid's first page and a search.
+"""Bench row (i), over HTTP: ``fetcher serve``'s first page and a search, 100,000 tasks.
 
-Builds an archive whose state holds ``--tasks`` archived tasks (100,000 by default;
-written straight with sqlite3 in fetcher's own schema, each with a prompt, a model
-and one file row, then indexed by ``fetcher.index`` as an upgraded archive's first
-fetch indexes it), starts
-``fetcher serve``'s application on a loopback port, and times over real HTTP
-(``http.client``, a new connection each time, as a browser's first visit):
+``bench/catalog.py`` builds the row's archive and times the catalog's queries in
+process; this adds what a browser waits for: the gallery's application is started
+on a loopback port (in this process, on a loop thread of its own), and each GET
+is timed over real HTTP with ``http.client``, a new connection each time, to the
+last byte:
 
-- ``/``: the grid's first page, the whole HTML (the page of cards, facets, state counts);
-- ``/api/cards?q=...``: a search for a word in one prompt in a hundred;
-- ``/api/cards?q=...&after=...``: the next page of that search.
+- ``/``: the grid's whole first page (a page of cards, the filters' task types and
+  models, the state counts), against the 200 ms target;
+- ``/api/cards``: the cards the grid's script asks for as it scrolls;
+- ``/api/cards?q=pig``: a search for a word in one prompt in a hundred, against the
+  100 ms target, and its next page by the cursor.
 
-Each is asked once to warm up, then ``--runs`` times; the median and the worst are
-printed in milliseconds. The target: first page under 200 ms, a search under 100 ms.
+One warm-up call, then ``runs``; :func:`add_http` adds the timings to a
+:class:`~catalog.CatalogRow`, which ``bench/run.py`` reports as row (i).
 
-    python bench/gallery.py [--tasks 100000] [--runs 20] [--keep DIR]
+    python bench/gallery.py [--tasks 100000] [--runs 21]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import http.client
 import json
-import sqlite3
-import statistics
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fetcher.gallery import GalleryOptions, serve
-from fetcher.index import build_index
-from fetcher.state import StateDB
-
-MODELS = (("GEM", "2.5"), ("Hunyuan", "3.0"), ("Kling", "2.1"), ("Seedream", "4.0"))
-WORDS = ("harbour", "forest", "neon", "desert", "glacier", "market", "orchard", "temple")
-NEEDLE = "lighthouse"
-
-
-def task_id(n: int) -> str:
-    return f"1392336703-AigcImageTask-{hashlib.md5(f'g{n}'.encode()).hexdigest()}t"  # noqa: S324
-
-
-def build_archive(root: Path, tasks: int) -> Path:
-    """An archive of ``tasks`` archived tasks, one PNG row each, prompts that vary."""
-    meta = root / ".fetcher"
-    meta.mkdir(parents=True)
-    db_path = meta / "state.sqlite"
-    with StateDB(db_path):
-        pass  # the current schema, migrations and triggers included, made by fetcher
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous=OFF")
-        conn.execute("BEGIN")
-        task_rows, file_rows = [], []
-        for n in range(tasks):
-            tid = task_id(n)
-            made = (start + timedelta(seconds=97 * n)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            model, version = MODELS[n % len(MODELS)]
-            words = f"{WORDS[n % len(WORDS)]} {WORDS[(n // 8) % len(WORDS)]} number {n}"
-            prompt = f"a {NEEDLE} by the {words}" if n % 100 == 0 else f"a study of {words}"
-            detail = {
-                "status": "FINISH",
-                "input": {
-                    "ModelName": model,
-                    "ModelVersion": version,
-                    "Prompt": prompt,
-                    "NegativePrompt": "blur",
-                },
-            }
-            folder = f"AigcImageTask/{made[:4]}/{made[5:7]}/{made[8:10]}/{tid}"
-            task_rows.append(
-                (tid, made, made, folder, made, made, json.dumps(detail, separators=(",", ":")))
-            )
-            file_rows.append((tid, f"https://files.example/{tid}.png", f"{folder}/00.png"))
-        conn.executemany(
-            "INSERT INTO tasks (task_id, state, final, task_type, created_at, finished_at, dir, "
-            "first_seen, updated_at, detail) VALUES (?, 'archived', 1, 'AigcImageTask', ?, ?, ?, "
-            "?, ?, ?)",
-            task_rows,
-        )
-        conn.executemany(
-            "INSERT INTO files (task_id, idx, url, state, path, size, sha256, content_type) "
-            "VALUES (?, 0, ?, 'done', ?, 4096, '00', 'image/png')",
-            file_rows,
-        )
-        # These rows came in behind fetcher's back: its index is no longer whole.
-        conn.execute("DELETE FROM meta WHERE key = 'text_index'")
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA journal_mode=WAL")  # as fetcher leaves it
-    finally:
-        conn.close()
-    with StateDB(db_path) as db:
-        build_index(db, _Quiet())  # as the first fetch after an upgrade does
-    return root
-
-
-class _Quiet:
-    def indexed(self, done: int, total: int) -> None:
-        pass
+from catalog import FIRST_PAGE_LIMIT, RARE_WORD, RUNS, SEARCH_LIMIT, TASKS, CatalogRow, build_state
 
 
 @contextmanager
@@ -122,6 +50,8 @@ def gallery(archive: Path) -> Iterator[str]:
         started.set()
 
     async def run() -> None:
+        from fetcher.gallery import GalleryOptions, serve
+
         try:
             await serve(GalleryOptions(archive, port=0), stop, on_ready)
         finally:
@@ -157,40 +87,42 @@ def get(address: str, target: str) -> tuple[float, bytes]:
     return time.perf_counter() - began, body
 
 
-def timed(address: str, target: str, runs: int) -> tuple[float, float]:
-    """Median and worst milliseconds of ``runs`` GETs after one to warm up."""
-    get(address, target)
-    took = [get(address, target)[0] * 1000 for _ in range(runs)]
-    return statistics.median(took), max(took)
+def add_http(row: CatalogRow, root: Path, runs: int = RUNS) -> None:
+    """Time the gallery over HTTP on the archive at ``root``; the timings join ``row``."""
+    with gallery(root) as address:
+        following = json.loads(get(address, f"/api/cards?q={RARE_WORD}")[1])["next"]
+        measures = [
+            ("first page over HTTP, GET /", "/", FIRST_PAGE_LIMIT),
+            ("first page over HTTP, GET /api/cards", "/api/cards", FIRST_PAGE_LIMIT),
+            (f"search '{RARE_WORD}' over HTTP", f"/api/cards?q={RARE_WORD}", SEARCH_LIMIT),
+            (
+                f"search '{RARE_WORD}' over HTTP, next page",
+                f"/api/cards?q={RARE_WORD}&after={following}",
+                SEARCH_LIMIT,
+            ),
+        ]
+        for name, target, limit in measures:
+            get(address, target)  # warm up, as a running server would be
+            row.timings[name] = [get(address, target)[0] for _ in range(runs)]
+            row.limits[name] = limit
 
 
-def measure(archive: Path, runs: int) -> dict[str, tuple[float, float]]:
-    with gallery(archive) as address:
-        _, body = get(address, f"/api/cards?q={NEEDLE}")
-        following = json.loads(body)["next"]
-        return {
-            "first page (/)": timed(address, "/", runs),
-            "first page (/api/cards)": timed(address, "/api/cards", runs),
-            f"search ({NEEDLE})": timed(address, f"/api/cards?q={NEEDLE}", runs),
-            "search, next page": timed(address, f"/api/cards?q={NEEDLE}&after={following}", runs),
-        }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--keep", type=Path, help="build the archive here and keep it")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.keep or Path(scratch) / "archive"
-        began = time.perf_counter()
-        if not (root / ".fetcher" / "state.sqlite").exists():
-            build_archive(root, args.tasks)
-        print(f"archive of {args.tasks:,} tasks ready in {time.perf_counter() - began:.1f} s")
-        for name, (median, worst) in measure(root, args.runs).items():
-            print(f"{name:28} median {median:7.1f} ms   worst {worst:7.1f} ms   ({args.runs} runs)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tasks", type=int, default=TASKS)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fetcher-gallery-") as work:
+        root = Path(work) / "archive"
+        started = time.perf_counter()
+        build_state(root, args.tasks)
+        row = CatalogRow(args.tasks, build_seconds=time.perf_counter() - started)
+        add_http(row, root, args.runs)
+    print("\n".join(row.lines()))
+    return (
+        0 if all(limit is None or row.median(n) < limit for n, limit in row.limits.items()) else 1
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

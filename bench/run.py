@@ -45,6 +45,7 @@ from pathlib import Path
 
 from catalog import CatalogRow
 from catalog import measure as catalog_row
+from gallery import add_http as add_gallery_http
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 SHM = Path("/dev/shm")  # noqa: S108 (RAM-backed on purpose: the disk must not be measured)
@@ -1176,6 +1177,8 @@ def measure_catalog(bench: Bench) -> CatalogRow:
     """Row (i): ``bench/catalog.py``'s measures, on a state built in the work folder."""
     say("bench: (i) building a state of 100,000 archived tasks, then timing the catalog")
     row = catalog_row(bench.work)
+    say("bench: (i) the same archive through fetcher serve, over HTTP")
+    add_gallery_http(row, bench.work / "catalog-archive")
     for name in row.timings:
         say(f"  {name}: {row.median(name) * 1000:.1f} ms")
     return row

@@ -52,6 +52,21 @@ def settings(replica: Replica, archive_dir: Path) -> Settings:
     )
 
 
+@pytest.fixture
+def read_only_copy(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(archive, the same folder on a read-only bind mount); the suite runs as root (CI does)."""
+    archive, mount = tmp_path / "archive", tmp_path / "ro"
+    archive.mkdir()
+    mount.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(archive), str(mount)], check=False)
+    assert bound.returncode == 0, "a read-only bind mount needs root (CAP_SYS_ADMIN)"
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], check=True)
+        yield archive, mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 def run(settings: Settings, *task_ids: str, **options: Any) -> RunSummary:
     """One fetch run over ``task_ids`` through the public Python API."""
     return fetch_sync(settings, [IdSource.from_values("test", task_ids)], FetchOptions(**options))

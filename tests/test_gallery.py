@@ -475,3 +475,21 @@ def test_help_does_not_load_the_gallery() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_read_only_archive_is_served_and_left_alone(
+    read_only_copy: tuple[Path, Path],
+) -> None:
+    """On a read-only mount the gallery serves pages, files and thumbnails (made again for
+    each view, as they cannot be kept) and writes nothing, not even SQLite's -shm file."""
+    archive, mount = read_only_copy
+    build_archive(archive)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in archive.rglob("*") if p.is_file()}
+    with running(GalleryOptions(mount, port=0)) as base:
+        for target in ("/", f"/task/{image_id(4)}", f"/file/{VIDEO}/0", "/api/cards?q=pig"):
+            assert get(base, target)[0] == 200
+        status, _, body = get(base, f"/thumb/{image_id(4)}/0")
+        assert status == 200 and body[8:12] == b"WEBP"
+        assert get(base, f"/thumb/{image_id(4)}/0")[2] == body
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in archive.rglob("*") if p.is_file()}
+    assert after == before

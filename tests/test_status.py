@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,21 +83,6 @@ def test_status_json_carries_every_count_zeros_included(replica: Replica, tmp_pa
         "failed": 0,
         "expired": 0,
     }
-
-
-@pytest.fixture
-def read_only_copy(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(archive, the same folder on a read-only bind mount); the suite runs as root (CI does)."""
-    archive, mount = tmp_path / "archive", tmp_path / "ro"
-    archive.mkdir()
-    mount.mkdir()
-    bound = subprocess.run(["mount", "--bind", str(archive), str(mount)], check=False)
-    assert bound.returncode == 0, "a read-only bind mount needs root (CAP_SYS_ADMIN)"
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], check=True)
-        yield archive, mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
