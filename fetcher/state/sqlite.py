@@ -24,9 +24,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .errors import ArchiveError, StepSpansAwait
-from .layout import safe_segment
-from .models import RemoteFile, Task, TaskState, format_time, parse_time
+from ..errors import ArchiveError, StepSpansAwait
+from ..layout import safe_segment
+from ..models import RemoteFile, Task, TaskState, format_time, parse_time
 
 #: IDs looked up per statement (passed as one JSON array, so no variable limit).
 BATCH = 2000
