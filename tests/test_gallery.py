@@ -155,6 +155,31 @@ def test_task_page_shows_files_prompt_and_sidecar(url: str, archive: Path) -> No
     assert headers["Content-Type"].startswith("application/json")
 
 
+def _arrows(html: str) -> tuple[str | None, str | None]:
+    """Where a task page's Previous and Next lead (None: hidden)."""
+    found = []
+    for side in ("prev", "next"):
+        match = re.search(rf'<a id="{side}" href="([^"]*)"( hidden)?', html)
+        assert match is not None
+        found.append(None if match.group(2) else match.group(1).replace("&amp;", "&"))
+    return found[0], found[1]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [pytest.param("", id="all"), pytest.param("model=GEM", id="filtered")],
+)
+def test_a_task_page_opened_directly_has_its_neighbours(url: str, filters: str) -> None:
+    """Opened from a link, not the grid, a task page still links the newer and older task
+    of the grid's order, within the same filters; the ends have no arrow past them."""
+    order = cards(url, f"&{filters}" if filters else "")
+    suffix = f"?{filters}" if filters else ""
+    for at, task_id in enumerate(order):
+        prev, following = _arrows(page(url, f"/task/{task_id}{suffix}"))
+        assert prev == (f"/task/{order[at - 1]}{suffix}" if at > 0 else None)
+        assert following == (f"/task/{order[at + 1]}{suffix}" if at + 1 < len(order) else None)
+
+
 def test_failed_task_page_gives_the_reason(url: str) -> None:
     """A failed task's page says why it failed."""
     html = page(url, f"/task/{FAILED}")
