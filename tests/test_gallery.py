@@ -311,6 +311,29 @@ def test_symlinks_planted_in_the_archive_are_refused(tmp_path: Path, planted: st
         assert get(base, f"/file/{image_id(1)}/0")[0] == 200
 
 
+@pytest.mark.parametrize("encoding", ["br", "gzip"])
+def test_a_compressed_sibling_planted_beside_a_file_is_never_served(
+    tmp_path: Path, encoding: str
+) -> None:
+    """`00.png.br` or `00.png.gz` planted beside an archived file: a browser that accepts
+    that encoding still gets the archived bytes, with no Content-Encoding."""
+    archive = build_archive(tmp_path / "archive")
+    (picture,) = archive.rglob(f"{image_id(0)}/00.png")
+    (sidecar,) = archive.rglob(f"{image_id(0)}/task.json")
+    suffix = ".br" if encoding == "br" else ".gz"
+    for target in (picture, sidecar):
+        target.with_name(target.name + suffix).write_bytes(b"planted, not archived")
+    with running(GalleryOptions(archive, port=0)) as base:
+        for target, original in (
+            (f"/file/{image_id(0)}/0", picture),
+            (f"/sidecar/{image_id(0)}", sidecar),
+        ):
+            status, headers, body = get(base, target, {"Accept-Encoding": encoding})
+            assert status == 200
+            assert body == original.read_bytes()
+            assert "Content-Encoding" not in headers
+
+
 def test_a_token_guards_every_request(archive: Path) -> None:
     """With a token: 401 without it, a bearer header or the cookie that ?token= sets."""
     with running(GalleryOptions(archive, port=0, token=TOKEN)) as base:
