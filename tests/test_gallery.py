@@ -510,6 +510,52 @@ def test_serve_token_from_the_environment_and_open(archive: Path, tmp_path: Path
     assert process.returncode == 0
 
 
+def test_serve_token_from_a_file(archive: Path, tmp_path: Path) -> None:
+    """--token-file reads the token from a file's first line: it guards every request, and
+    is in neither the process's arguments nor its output."""
+    secret = tmp_path / "token"
+    secret.write_text(f"{TOKEN}\n")
+    secret.chmod(0o600)
+    args = ["--archive", str(archive), "--port", "0", "--token-file", str(secret)]
+    process, address = _start(args, _env(tmp_path))
+    try:
+        assert get(address, "/")[0] == 401
+        assert get(address, "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert TOKEN not in str(process.args)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert TOKEN not in out + err
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "extra", "message"),
+    [
+        pytest.param(None, 0o600, [], "cannot read token file", id="missing"),
+        pytest.param("\n", 0o600, [], "is empty (the token goes on its first line)", id="empty"),
+        pytest.param(TOKEN, 0o666, [], "writable by other users", id="others-write"),
+        pytest.param("short\n", 0o600, [], "16 characters", id="short"),
+        pytest.param(TOKEN, 0o600, ["--token", TOKEN], "not allowed with", id="both"),
+    ],
+)
+def test_serve_refuses_a_bad_token_file_in_one_line(
+    archive: Path, tmp_path: Path, content: str | None, mode: int, extra: list[str], message: str
+) -> None:
+    """A token file that is missing, empty, writable by others or too short, or given with
+    --token: one line, exit 2, and the token never printed."""
+    secret = tmp_path / "token"
+    if content is not None:
+        secret.write_text(content)
+        secret.chmod(mode)
+    args = ["--archive", str(archive), "--port", "0", "--token-file", str(secret), *extra]
+    result = _serve(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
 def test_help_does_not_load_the_gallery() -> None:
     """`fetcher --help` stays light: neither aiohttp's server nor Pillow is imported."""
     code = (
