@@ -688,7 +688,7 @@ def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
     root = settings.archive
     if isinstance(root, BucketUrl):
         return reading_state(state_here(root, settings)), True, "the next fetch builds it"
-    with contextlib.closing(IndexBar()) as bar:
+    with contextlib.closing(IndexBar(shown=not args.json)) as bar:
         whole = index_archive(root, bar)
     reason = "another run holds the lock, or the archive is read-only"
     return reading(root), whole, reason
