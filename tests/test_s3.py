@@ -26,8 +26,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from fetcher.config import Settings
-from fetcher.errors import UsageError
+from fetcher.errors import AuthError, UsageError
 from fetcher.layout import Layout, LayoutFields
+from fetcher.replica import Fault as ReplicaFault
 from fetcher.replica import Replica
 from fetcher.stores import BucketUrl
 from fetcher.summary import Outcome
@@ -61,9 +62,9 @@ class World:
                 found[item["Key"]] = body.read()
         return found
 
-    def cli(self, *args: str, state: Path | None = None, **popen: Any) -> subprocess.Popen[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-        env.update(
+    def cli_env(self, state: Path | None = None) -> dict[str, str]:
+        """What a command run on this world reads from its environment."""
+        return dict(
             self.env,
             FETCHER_BASE_URL=self.replica.api_url,
             FETCHER_API_KEY=self.replica.api_key,
@@ -74,6 +75,10 @@ class World:
             XDG_CONFIG_HOME=str(self.tmp / "no-config"),
             XDG_DATA_HOME=str(self.tmp / "data"),
         )
+
+    def cli(self, *args: str, state: Path | None = None, **popen: Any) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+        env.update(self.cli_env(state))
         return subprocess.Popen(
             [sys.executable, "-m", "fetcher", *args],
             env=env,
@@ -243,6 +248,57 @@ def test_a_fresh_host_starts_from_the_snapshot(world: World, tmp_path: Path) -> 
     status = world.run_cli("status", "--json", state=tmp_path / "third-host" / "state.sqlite")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"]["archived"] == 3
+
+
+def snapshot_counts(world: World, host: str) -> dict[str, int]:
+    """The task counts a host with no state of its own reads from the bucket's snapshot."""
+    status = world.run_cli("status", "--json", state=world.tmp / host / "state.sqlite")
+    assert status.returncode == 0, status.stderr
+    counts: dict[str, int] = json.loads(status.stdout)["counts"]
+    return counts
+
+
+def test_a_run_stopped_by_an_error_still_stores_its_snapshot(world: World) -> None:
+    """The key refused after one task was archived: the bucket's snapshot records that task."""
+    done, refused = task_id(25), task_id(26)
+    add_image_task(world.replica, done)
+    add_image_task(world.replica, refused)
+    # Late enough that the first task is archived before the refusal stops the run.
+    world.replica.fault("api", refused, ReplicaFault(status=401, delay=2.0))
+
+    with pytest.raises(AuthError):
+        run(tweak(world.settings, concurrency=1), done, refused)
+
+    assert "arch/.fetcher/state.sqlite" in object_paths(world)
+    assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_an_interrupted_run_stores_its_snapshot(world: World) -> None:
+    """SIGTERM while a file is going up: what was archived before is in the snapshot."""
+    done, held = task_id(27), task_id(28)
+    add_image_task(world.replica, done)
+    add_image_task(world.replica, held)
+    assert world.run_cli("fetch", "--id", done).returncode == 0
+    # Gone, so only the interrupted run can have stored the one read below.
+    world.client.delete_object(Bucket=world.bucket, Key="arch/.fetcher/state.sqlite")
+    world.proxy.faults.append(Fault("PUT", f"{held}/00.png", hold="before"))
+    second = world.cli("fetch", "--id", held)
+    assert world.proxy.holding.wait(30)
+    second.send_signal(signal.SIGTERM)
+    _, err = second.communicate(timeout=60)
+
+    assert second.returncode == 143, err
+    assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_a_failing_store_is_not_sent_the_snapshot(world: World) -> None:
+    """When the store is what stopped the run, the run does not try it once more."""
+    add_image_task(world.replica, task_id(29))
+    world.proxy.faults.append(Fault("PUT", "/00.png", 503, "SlowDown", times=100))
+    result = world.run_cli("fetch", "--id", task_id(29), "--retries", "1")
+    assert result.returncode == 3, result.stderr
+    snapshot = [(m, p) for m, p in world.proxy.requests() if p.endswith("/.fetcher/state.sqlite")]
+    assert [(m, p) for m, p in snapshot if m != "GET"] == []  # only the restore's look
 
 
 # -- the store's trouble ----------------------------------------------------------------

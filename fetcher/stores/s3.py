@@ -52,7 +52,7 @@ from botocore.exceptions import (
 )
 
 from ..durable import make_folders
-from ..errors import ArchiveError, StoreRefused
+from ..errors import ArchiveError, StoreFailing, StoreRefused
 from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
@@ -211,7 +211,7 @@ class Bucket:
             except _CONNECTION_ERRORS as exc:
                 reason, retry_after, retryable = _connection_reason(exc), None, True
             if not retryable or attempt > policy.retries:
-                raise ArchiveError(
+                raise StoreFailing(
                     f"bucket {self.url.bucket!r}: {_verb(operation)} failed: {reason}"
                     f" ({attempts(attempt)})"
                 )
@@ -228,7 +228,7 @@ class Bucket:
         if code == "NoSuchBucket" or (status == 404 and operation == "head_bucket"):
             raise StoreRefused(f"bucket {bucket!r} does not exist at {_host(self.endpoint)}")
         if code in _FULL:
-            raise ArchiveError(f"bucket {bucket!r} is full ({code}) while writing")
+            raise StoreFailing(f"bucket {bucket!r} is full ({code}) while writing")
         if code in _DENIED or status == 403:
             raise StoreRefused(f"access denied to bucket {bucket!r} ({_verb(operation)}: {code})")
 
@@ -343,7 +343,7 @@ class Bucket:
                     digest.update(chunk)
                     sink(chunk)
         except _CONNECTION_ERRORS as exc:
-            raise ArchiveError(
+            raise StoreFailing(
                 f"bucket {self.url.bucket!r}: reading {key!r} failed: {_connection_reason(exc)}"
             ) from None
         return digest.hexdigest()
