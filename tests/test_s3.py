@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -447,6 +448,52 @@ def test_a_lock_naming_a_dead_process_here_is_taken_over(world: World) -> None:
 
     assert again.returncode == 0, again.stderr
     assert "arch/.fetcher/lock" not in object_paths(world)
+
+
+LOCK = "arch/.fetcher/lock"
+
+
+def plant_lock(world: World, host: str, pid: int) -> None:
+    """A lock object as another run writes it."""
+    document = {"host": host, "pid": pid, "renewed": "2026-01-01T00:00:00+00:00"}
+    world.client.put_object(Bucket=world.bucket, Key=LOCK, Body=json.dumps(document).encode())
+
+
+def gone_pid() -> int:
+    """The PID of a process that has exited."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    return int(child.stdout)
+
+
+@pytest.mark.parametrize(
+    ("host", "pid", "age", "code"),
+    [
+        pytest.param("elsewhere", 4242, 90.0, 0, id="lapsed-other-host"),
+        pytest.param("elsewhere", 4242, 30.0, 75, id="live-other-host"),
+        pytest.param(None, None, 0.0, 0, id="dead-pid-this-host"),
+        pytest.param(None, os.getpid(), 0.0, 75, id="live-pid-this-host"),
+    ],
+)
+def test_a_planted_lock_is_taken_over_only_when_lapsed_or_its_run_is_gone(
+    world: World, host: str | None, pid: int | None, age: float, code: int
+) -> None:
+    """A lock last renewed over 60 s ago by the store's clock, or naming this host and a
+    PID that no longer runs, is taken over; a live one makes the run exit 75."""
+    add_image_task(world.replica, task_id(53))
+    plant_lock(world, host or socket.gethostname(), pid or gone_pid())
+    world.proxy.aged[f"/{LOCK}"] = age
+
+    result = world.run_cli("fetch", "--id", task_id(53))
+
+    assert result.returncode == code, result.stderr
+    if code == 75:
+        (line,) = result.stderr.strip().splitlines()
+        assert "holds the lock on s3://" in line and f"pid {pid}" in line
+        assert LOCK in object_paths(world)  # still the other run's
+    else:
+        assert LOCK not in object_paths(world)  # taken over, then released
+        assert snapshot_counts(world, "fresh-host")["archived"] == 1
 
 
 def test_a_lock_lapses_by_the_stores_clock() -> None:
