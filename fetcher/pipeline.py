@@ -170,6 +170,8 @@ async def _locked_run(
     stop: asyncio.Event | None,
 ) -> RunSummary:
     """The run under the archive's lock; its state handed to the store once closed."""
+    # One event for a signal and for a store whose lock was lost: either winds the run down.
+    stop = stop if stop is not None else asyncio.Event()
     waiting = functools.partial(
         progress.message, f"waiting for another run's lock on {archive.name}"
     )

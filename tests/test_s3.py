@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -494,6 +495,41 @@ def test_a_planted_lock_is_taken_over_only_when_lapsed_or_its_run_is_gone(
     else:
         assert LOCK not in object_paths(world)  # taken over, then released
         assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_a_run_that_loses_its_lock_stops_with_exit_75(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another writer replaces the lock mid-run: the next renewal sees it, the run stops
+    taking work, leaves the other run's lock and snapshot alone, and exits 75 with one line."""
+    from fetcher.cli import main
+    from fetcher.stores import s3lock
+
+    monkeypatch.setattr(s3lock, "RENEW", 0.2)
+    for name, value in world.cli_env().items():
+        monkeypatch.setenv(name, value)
+    tid = task_id(54)
+    add_image_task(world.replica, tid)
+    world.proxy.faults.append(Fault("PUT", "/00.png", hold="before"))
+
+    def intruder() -> None:
+        assert world.proxy.holding.wait(30)
+        plant_lock(world, "elsewhere", 4242)
+
+    thread = threading.Thread(target=intruder)
+    thread.start()
+    code = main(["fetch", "--id", tid, "--json", "--no-progress"])
+    thread.join()
+
+    out, err = capsys.readouterr()
+    assert code == 75, err
+    assert [line for line in err.splitlines() if "lock" in line] == [
+        f"fetcher: error: lost the lock on s3://{world.bucket}/arch: another run took it over;"
+        " this run stopped taking work"
+    ]
+    assert json.loads(out)["error"]["code"] == "locked"
+    assert json.loads(world.objects()[LOCK])["host"] == "elsewhere"
+    assert "arch/.fetcher/state.sqlite" not in object_paths(world)
 
 
 def test_a_lock_lapses_by_the_stores_clock() -> None:

@@ -52,7 +52,7 @@ from botocore.exceptions import (
 )
 
 from ..durable import make_folders
-from ..errors import ArchiveError, StoreFailing, StoreRefused
+from ..errors import ArchiveError, LockedError, StoreFailing, StoreRefused
 from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
@@ -399,6 +399,8 @@ class S3Store:
         finally:
             if held:
                 await self.lock.release()
+        if self.lock.lost is not None:
+            raise LockedError(self.lock.lost)
 
     async def clean(self) -> None:
         """Restore the state from the snapshot when this host has none; abort open uploads."""
@@ -486,8 +488,12 @@ class S3Store:
         return True
 
     async def committed(self) -> None:
-        """Store a snapshot of the state when it changed; drop the markers of recorded files."""
-        await self.snapshot()
+        """Store a snapshot of the state when it changed; drop the markers of recorded files.
+
+        Not after the lock was lost: the snapshot is the run's that holds it now.
+        """
+        if self.lock.lost is None:
+            await self.snapshot()
         for marker in self._settled:
             marker.unlink(missing_ok=True)
         self._settled.clear()
