@@ -31,6 +31,7 @@ from gallery_world import (
     running,
 )
 from test_gallery import TOKEN, get, page
+from test_gallery_browser import chromium, play
 
 from fetcher.config import Settings
 from fetcher.gallery import GalleryOptions
@@ -223,6 +224,33 @@ def test_a_store_failing_later_answers_502_without_the_secret(shelf: Shelf, url:
     assert status == 502 and b"InvalidAccessKeyId" in body
     assert SECRET.encode() not in body
     assert get(url, target)[0] == 200
+
+
+def test_a_bucket_task_page_plays_its_video_in_a_browser(
+    shelf: Shelf, url: str, tmp_path: Path
+) -> None:
+    """In headless chromium the bucket's grid draws its thumbnails, and a video's task page
+    plays the clip streamed from the store in ranges; the page's policy blocks nothing."""
+    blocked: list[str] = []
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1200, "height": 800})
+        try:
+            tab = context.new_page()
+            tab.on("pageerror", lambda exc: blocked.append(str(exc)))
+            tab.on(
+                "console",
+                lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+            )
+            tab.goto(url)
+            tab.wait_for_function(
+                "() => Array.from(document.images).every(i => i.complete && i.naturalWidth)"
+            )
+            tab.goto(url + "task/" + VIDEO)
+            play(tab)
+            tab.screenshot(path=tmp_path / "bucket-video.png")
+        finally:
+            context.close()
+    assert blocked == []
 
 
 # -- the commands -----------------------------------------------------------------------
