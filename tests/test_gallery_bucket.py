@@ -8,6 +8,7 @@ at start stops ``serve`` with one line, one that fails a request later answers 5
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -123,7 +125,8 @@ def test_a_bucket_grid_starts_from_the_snapshot(shelf: Shelf, url: str) -> None:
 
 def test_a_bucket_video_is_streamed_in_ranges(shelf: Shelf, url: str) -> None:
     """Range goes to the store and back: 206 with Content-Range and Content-Length, the
-    object's type, a suffix range, the whole file, and 416 past the end; never a redirect."""
+    object's type, a suffix range, the whole file, 416 past the end, a HEAD; never a
+    redirect."""
     whole = sample_video()
     shelf.proxy.clear()
     status, headers, body = get(url, f"/file/{VIDEO}/0", {"Range": "bytes=100-199"})
@@ -143,6 +146,15 @@ def test_a_bucket_video_is_streamed_in_ranges(shelf: Shelf, url: str) -> None:
     assert headers["Content-Range"] == f"bytes */{len(whole)}"
     gets = [path for method, path in shelf.proxy.requests() if method == "GET"]
     assert gets and all(f"/{shelf.bucket}/{PREFIX}/" in path for path in gets)
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request("HEAD", f"/file/{VIDEO}/0")
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (200, b"")
+        assert answer.headers["Content-Length"] == str(len(whole))
+    finally:
+        connection.close()
 
 
 def test_a_bucket_task_page_shows_its_files_and_sidecar(shelf: Shelf, url: str) -> None:
