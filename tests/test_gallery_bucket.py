@@ -389,6 +389,30 @@ def test_a_browser_leaving_midway_is_no_error(shelf: Shelf) -> None:
     assert "Traceback" not in output[1] and "Error handling request" not in output[1]
 
 
+def test_a_store_failing_midway_through_a_file_cuts_it_short(shelf: Shelf) -> None:
+    """A body the store stops sending halfway: the browser gets a short body (never a
+    complete-looking one), serve logs one line and no traceback, and goes on serving."""
+    with _serving(shelf, "cut") as (address, output):
+        shelf.proxy.faults.append(Fault("GET", f"{VIDEO}/00.mp4", cut=1000))
+        where = urlsplit(address)
+        connection = http.client.HTTPConnection(where.hostname or "", where.port, timeout=10)
+        try:
+            connection.request("GET", f"/file/{VIDEO}/0")
+            answer = connection.getresponse()
+            assert answer.status == 200
+            assert answer.headers["Content-Length"] == str(len(sample_video()))
+            with pytest.raises(http.client.IncompleteRead):
+                answer.read()
+        finally:
+            connection.close()
+        assert get(address, f"/file/{VIDEO}/0")[2] == sample_video()
+    (line,) = output[1].strip().splitlines()[:-1]  # the last is the SIGINT's
+    assert line == (
+        f"fetcher: reading {PREFIX}/{_folder_of(shelf, VIDEO).split('/', 1)[1]}/00.mp4"
+        " from the store failed midway (ClientPayloadError)"
+    )
+
+
 @pytest.mark.parametrize("command", ["serve", "search"])
 def test_a_bucket_without_the_s3_extra_is_one_line(command: str, tmp_path: Path) -> None:
     """Without aiobotocore installed, serve and search on a bucket say what to install."""

@@ -214,7 +214,7 @@ async def _copy(request: web.Request, body: Any, response: web.StreamResponse, k
                 await response.write_eof()
                 return
             await response.write(chunk)
-        except ConnectionResetError:
+        except ConnectionError:
             return  # the browser went away (a seek, a closed tab): nothing is wrong
 
 
