@@ -324,7 +324,10 @@ def _store_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
         help="bucket in the path or in the host name (auto: path for an IP or localhost)",
     )
     parser.add_argument(
-        "--state", metavar="PATH", help="a bucket archive's state file (default: user data dir)"
+        "--state",
+        metavar="PATH|URL",
+        help="a bucket archive's state file (default: user data dir), or for any archive "
+        "a shared postgresql://USER@HOST/DB",
     )
 
 
