@@ -25,6 +25,7 @@ from fetcher.state import DatabaseUrl, open_state
 from fetcher.stores import open_store
 from fetcher.summary import RunSummary
 from tests.pgserver import PostgresServer
+from tests.s3server import AWS_USER_VARIABLES, MotoServer, aws_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,24 @@ def replica() -> Iterator[Replica]:
     """A running replica of the gateway and the file host."""
     with Replica() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """One moto S3 server for the session; each test has buckets of its own."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials as the AWS CLI takes them, and none of the user's own files."""
+    env = aws_credentials(tmp_path)
+    for name in AWS_USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
 
 
 @pytest.fixture
