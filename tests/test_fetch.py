@@ -66,8 +66,9 @@ def outcome_of(summary: RunSummary, tid: str) -> TaskOutcome:
     return found[0]
 
 
-def db_row(settings: Settings, tid: str) -> tuple[str, int, str | None] | None:
-    """(state, final, reason) of a task in the archive's state database."""
+def db_row(where: Settings | Path, tid: str) -> tuple[str, int, str | None] | None:
+    """(state, final, reason) of a task in the state the settings name (a folder: its own)."""
+    settings = where if isinstance(where, Settings) else Settings(archive=where)
     rows = state_rows(settings, "SELECT state, final, reason FROM tasks WHERE task_id = ?", (tid,))
     return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
