@@ -169,7 +169,9 @@ class Bucket:
     def _make(self, session: Any, style: str) -> Any:
         config = AioConfig(
             retries={"total_max_attempts": 1},
-            s3={"addressing_style": style},
+            # The body is bound to the signature by its Content-MD5, which is signed: no
+            # SHA-256 of it as well over plain HTTP (over HTTPS botocore skips it anyway).
+            s3={"addressing_style": style, "payload_signing_enabled": False},
             connect_timeout=self.options.timeout,
             read_timeout=self.options.timeout,
             max_pool_connections=self.options.connections * PARTS_IN_FLIGHT + 4,
@@ -242,10 +244,10 @@ class Bucket:
         if content_type:
             extra["ContentType"] = content_type
         if size <= SINGLE_PUT_LIMIT:
-            data = await asyncio.to_thread(path.read_bytes)
+            data, md5 = await asyncio.to_thread(_read_at, path, 0, None)
             if len(data) != size:
                 raise ArchiveError(f"work file {str(path)!r} changed size before its upload")
-            await self.request("put_object", Key=key, Body=data, ContentMD5=_md5(data), **extra)
+            await self.request("put_object", Key=key, Body=data, ContentMD5=md5, **extra)
             return
         await self._multipart(key, path, size, extra)
 
@@ -260,8 +262,8 @@ class Bucket:
                 for number, offset in enumerate(range(0, size, part_size), start=1):
                     # A slot is taken before the part is read: at most PARTS_IN_FLIGHT in memory.
                     await slots.acquire()
-                    data = await asyncio.to_thread(_read_at, path, offset, part_size)
-                    group.create_task(self._part(key, upload_id, number, data, slots, etags))
+                    part = await asyncio.to_thread(_read_at, path, offset, part_size)
+                    group.create_task(self._part(key, upload_id, number, part, slots, etags))
             parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
             await self.request(
                 "complete_multipart_upload",
@@ -283,10 +285,11 @@ class Bucket:
         key: str,
         upload_id: str,
         number: int,
-        data: bytes,
+        part: tuple[bytes, str],
         slots: asyncio.Semaphore,
         etags: dict[int, str],
     ) -> None:
+        data, md5 = part
         try:
             answer = await self.request(
                 "upload_part",
@@ -294,7 +297,7 @@ class Bucket:
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
-                ContentMD5=_md5(data),
+                ContentMD5=md5,
             )
             etags[number] = answer["ETag"]
         finally:
@@ -596,10 +599,16 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_at(path: Path, offset: int, size: int) -> bytes:
+def _read_at(path: Path, offset: int, size: int | None) -> tuple[bytes, str]:
+    """``size`` bytes from ``offset`` (None: to the end) and their Content-MD5.
+
+    In a worker thread: hashlib lets go of the GIL, so the loop goes on with the
+    other uploads while a part is hashed.
+    """
     with path.open("rb") as handle:
         handle.seek(offset)
-        return handle.read(size)
+        data = handle.read(size)
+    return data, _md5(data)
 
 
 def _md5(data: bytes) -> str:
