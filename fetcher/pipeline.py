@@ -63,7 +63,7 @@ from .progress import NullProgress, Progress
 from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
-from .state import ARCHIVED, EXPIRED, FAILED, StateDB
+from .state import ARCHIVED, EXPIRED, FAILED, Records, StateDB, open_state
 from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
@@ -145,8 +145,7 @@ async def fetch(
     summary.archive = archive.name
     if options.dry_run:
         # A read-only look: a database that is not there is an empty one in memory.
-        path = archive.db_path if archive.exists() else IN_MEMORY
-        with StateDB(path, readonly=path != IN_MEMORY) as db:
+        with open_state(archive, readonly=True) if archive.exists() else StateDB(IN_MEMORY) as db:
             run = _Run(settings, options, progress or NullProgress(), archive, db, layout, summary)
             return await run.execute(sources, stop)
     progress = progress or NullProgress()
@@ -181,7 +180,7 @@ async def _locked_run(
             return summary
         await archive.clean()
         try:
-            with StateDB(archive.db_path) as db:
+            with open_state(archive) as db:
                 # Once, for an archive recorded before search existed: its own commits.
                 if await build_index_async(db, progress, stop):
                     with db.grouped(asyncio.get_running_loop()):
@@ -226,7 +225,7 @@ class _Run:
         options: FetchOptions,
         progress: Progress,
         archive: ArchiveStore,
-        db: StateDB,
+        db: Records,
         layout: Layout,
         summary: RunSummary,
     ) -> None:

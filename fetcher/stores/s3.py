@@ -54,6 +54,7 @@ from botocore.exceptions import (
 from ..durable import make_folders
 from ..errors import ArchiveError, LockedError, StoreFailing, StoreRefused
 from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
+from ..state.address import DatabaseUrl
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
 from .s3lock import BucketLock
@@ -169,8 +170,8 @@ class Bucket:
     def _make(self, session: Any, style: str) -> Any:
         config = AioConfig(
             retries={"total_max_attempts": 1},
-            # The body is bound to the signature by its Content-MD5, which is signed: no
-            # SHA-256 of it as well over plain HTTP (over HTTPS botocore skips it anyway).
+            # The body is covered by the Content-MD5 the store checks: SigV4 would otherwise
+            # SHA-256 every byte again, in the event loop, on any endpoint that is not HTTPS.
             s3={"addressing_style": style, "payload_signing_enabled": False},
             connect_timeout=self.options.timeout,
             read_timeout=self.options.timeout,
@@ -244,7 +245,7 @@ class Bucket:
         if content_type:
             extra["ContentType"] = content_type
         if size <= SINGLE_PUT_LIMIT:
-            data, md5 = await asyncio.to_thread(_read_at, path, 0, None)
+            data, md5 = await asyncio.to_thread(_read_at, path, 0, size + 1)
             if len(data) != size:
                 raise ArchiveError(f"work file {str(path)!r} changed size before its upload")
             await self.request("put_object", Key=key, Body=data, ContentMD5=md5, **extra)
@@ -359,7 +360,10 @@ class S3Store:
         self.url = url
         self.name = str(url)
         state = settings.state if settings is not None else None
-        self.db_path = state.expanduser().absolute() if state else state_path(url)
+        #: A PostgreSQL state: no SQLite file here, and no snapshot in the bucket.
+        self.state_url = state if isinstance(state, DatabaseUrl) else None
+        local = state if isinstance(state, Path) else None
+        self.db_path = local.expanduser().absolute() if local else state_path(url)
         self.work_dir = self.db_path.with_name(self.db_path.name + ".work")
         options = StoreOptions()
         if settings is not None:
@@ -376,7 +380,7 @@ class S3Store:
         self._settled: list[Path] = []
 
     def exists(self) -> bool:
-        return self.db_path.is_file()
+        return self.state_url is not None or self.db_path.is_file()
 
     async def open(self) -> None:
         try:
@@ -512,9 +516,10 @@ class S3Store:
     async def committed(self) -> None:
         """Store a snapshot of the state when it changed; drop the markers of recorded files.
 
-        Not after the lock was lost: the snapshot is the run's that holds it now.
+        Not after the lock was lost: the snapshot is the run's that holds it now; and
+        none of a PostgreSQL state, which is shared where it is.
         """
-        if self.lock.lost is None:
+        if self.lock.lost is None and self.state_url is None:
             await self.snapshot()
         for marker in self._settled:
             marker.unlink(missing_ok=True)
@@ -599,12 +604,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_at(path: Path, offset: int, size: int | None) -> tuple[bytes, str]:
-    """``size`` bytes from ``offset`` (None: to the end) and their Content-MD5.
-
-    In a worker thread: hashlib lets go of the GIL, so the loop goes on with the
-    other uploads while a part is hashed.
-    """
+def _read_at(path: Path, offset: int, size: int) -> tuple[bytes, str]:
+    """``size`` bytes of ``path`` from ``offset``, and their Content-MD5: read and hashed in
+    the caller's worker thread (hashlib lets go of the GIL), not in the event loop."""
     with path.open("rb") as handle:
         handle.seek(offset)
         data = handle.read(size)
