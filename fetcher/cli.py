@@ -89,17 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="query tasks and archive their files",
         description="Query each task ID and archive its files and a JSON sidecar.",
     )
-    fetch.add_argument(
-        "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
-    )
-    fetch.add_argument(
-        "--id",
-        dest="ids",
-        action="append",
-        default=[],
-        metavar="TASK_ID",
-        help="a task ID (repeatable)",
-    )
+    _id_flags(fetch)
     fetch.add_argument(
         "--pending", action="store_true", help="also re-query every pending task in the archive"
     )
@@ -174,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(verbose=False)
 
     _search_parser(commands)
+    _enqueue_parser(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -223,13 +214,43 @@ def _search_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="S",
-        help="only tasks in state S: archived, pending, incomplete, failed, expired (repeatable)",
+        help="only tasks in state S: archived, queued, pending, incomplete, failed, expired "
+        "(repeatable)",
     )
     search.add_argument(
         "--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)"
     )
     search.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     search.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+
+
+def _id_flags(parser: argparse.ArgumentParser) -> None:
+    """Where task IDs come from: FILE arguments, ``-`` for stdin, ``--id``."""
+    parser.add_argument(
+        "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
+    )
+    parser.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="TASK_ID",
+        help="a task ID (repeatable)",
+    )
+
+
+def _enqueue_parser(commands: Any) -> None:
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="record task IDs as queued, for 'fetch --pending' or 'work' to archive",
+        description="Record task IDs as queued in the archive's state, sending no query; "
+        "'fetcher fetch --pending' and 'fetcher work' then archive them.",
+    )
+    _id_flags(enqueue)
+    enqueue.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    enqueue.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    enqueue.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _store_flags(enqueue)
 
 
 def _date(text: str) -> Any:
@@ -459,7 +480,6 @@ def _wait_lock(args: argparse.Namespace) -> float | None:
 
 def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     from .console import summary_line
-    from .ids import IdSource
     from .jsonlines import JsonLinesProgress
     from .pipeline import FetchOptions
 
@@ -470,14 +490,7 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     settings.require_api()
     if not (args.files or args.ids or args.pending):
         raise UsageError("nothing to fetch: give FILE, '-' for stdin, --id or --pending")
-    sources = [
-        IdSource.from_stream("<stdin>", _own_stdin())
-        if name == "-"
-        else IdSource.from_path(Path(name))
-        for name in args.files
-    ]
-    if args.ids:
-        sources.append(IdSource.from_values("--id", args.ids))
+    sources = _id_sources(args)
     options = FetchOptions(
         dry_run=args.dry_run,
         pending=args.pending,
@@ -494,6 +507,21 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     elif not args.quiet or signum is not None:
         print(summary_line(summary))
     return code
+
+
+def _id_sources(args: argparse.Namespace) -> list[IdSource]:
+    """The sources ``_id_flags`` named, each file opened now (a bad one is exit 2 at once)."""
+    from .ids import IdSource
+
+    sources = [
+        IdSource.from_stream("<stdin>", _own_stdin())
+        if name == "-"
+        else IdSource.from_path(Path(name))
+        for name in args.files
+    ]
+    if args.ids:
+        sources.append(IdSource.from_values("--id", args.ids))
+    return sources
 
 
 def _warn_if_key_in_clear(settings: Settings) -> None:
@@ -623,6 +651,36 @@ async def _until_signal(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     return result, (received[0] if received else None)
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    """``enqueue``: each bad line on stderr as it is read, then one summary."""
+    from .intake import EnqueueSummary, enqueue
+
+    settings = _settings(args)
+    if not (args.files or args.ids):
+        raise UsageError("nothing to enqueue: give FILE, '-' for stdin, or --id")
+    sources = _id_sources(args)
+
+    def invalid(line: object) -> None:
+        print(f"fetcher: {line}", file=sys.stderr)
+
+    summary = EnqueueSummary()
+    _, signum = asyncio.run(
+        _until_signal(
+            lambda stop: enqueue(settings, sources, invalid, stop, summary),
+            "stopping; the IDs queued so far stay queued",
+        )
+    )
+    code = summary.exit_code if signum is None else 128 + signum
+    if args.json:
+        print(json.dumps({**summary.to_json(), "exit_code": code}, indent=2))
+    else:
+        print(
+            f"{summary.queued} queued, {summary.already_known} already known, "
+            f"{summary.invalid} invalid in {summary.archive}"
+        )
+    return code
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -775,6 +833,7 @@ _COMMANDS = {
     "status": _status,
     "verify": _verify,
     "search": _search,
+    "enqueue": _enqueue,
     "demo": _demo,
     "serve": _serve,
 }

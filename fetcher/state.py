@@ -161,13 +161,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 TEXT_SCHEMA = 4
 
 #: Task states.
+#: Named by ``fetcher enqueue`` and not asked about yet (fetcher/intake.py).
+QUEUED = "queued"
 PENDING = "pending"
 INCOMPLETE = "incomplete"
 ARCHIVED = "archived"
 FAILED = "failed"
 EXPIRED = "expired"
 #: Every task state, in the order reports list them.
-STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+STATES = (ARCHIVED, QUEUED, PENDING, INCOMPLETE, FAILED, EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,10 +479,11 @@ class StateDB:
     # -- input ------------------------------------------------------------------------
 
     def unfinished_ids(self) -> list[str]:
-        """Tasks a ``--pending`` run re-queries: still running, or interrupted mid-download."""
+        """Tasks a ``--pending`` run queries: enqueued, still running, or interrupted
+        mid-download."""
         rows = self.query(
-            "SELECT task_id FROM tasks WHERE state IN (?, ?) ORDER BY first_seen",
-            (PENDING, INCOMPLETE),
+            "SELECT task_id FROM tasks WHERE state IN (?, ?, ?) ORDER BY first_seen",
+            (QUEUED, PENDING, INCOMPLETE),
         )
         return [str(r[0]) for r in rows]
 
