@@ -107,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for another run's lock (for SECONDS, or until free) instead of exiting 75; "
         "a word that is not a number after it is a FILE",
     )
-    fetch.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    fetch.add_argument(
-        "--json-lines",
-        action="store_true",
-        help="print each task's outcome as a line of JSON as it happens, then the summary",
-    )
+    _summary_flags(fetch)
     _setting_flags(fetch)
     _output_flags(fetch)
 
@@ -165,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _search_parser(commands)
     _enqueue_parser(commands)
+    _work_parser(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -214,7 +210,7 @@ def _search_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="S",
-        help="only tasks in state S: archived, queued, pending, incomplete, failed, expired "
+        help="only tasks in state S: archived, pending, incomplete, failed, expired, queued "
         "(repeatable)",
     )
     search.add_argument(
@@ -251,6 +247,45 @@ def _enqueue_parser(commands: Any) -> None:
     enqueue.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     enqueue.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     _store_flags(enqueue)
+
+
+def _work_parser(commands: Any) -> None:
+    work = commands.add_parser(
+        "work",
+        help="keep archiving tasks as they are enqueued, until stopped",
+        description="Keep archiving the tasks 'fetcher enqueue' records, as they come, "
+        "and ask about running tasks again now and then; SIGINT/SIGTERM wind it down.",
+    )
+    work.add_argument(
+        "--idle-exit",
+        type=_seconds,
+        metavar="SECONDS",
+        help="exit after SECONDS with nothing queued (default: run until stopped)",
+    )
+    _summary_flags(work)
+    _setting_flags(work)
+    _output_flags(work)
+
+
+def _summary_flags(parser: argparse.ArgumentParser) -> None:
+    """A run's summary as JSON: at the end, or each task's outcome as it happens too."""
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument(
+        "--json-lines",
+        action="store_true",
+        help="print each task's outcome as a line of JSON as it happens, then the summary",
+    )
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return seconds
 
 
 def _date(text: str) -> Any:
@@ -683,6 +718,41 @@ def _enqueue(args: argparse.Namespace) -> int:
     return code
 
 
+def _work(args: argparse.Namespace) -> int:
+    """``work``: until a signal or ``--idle-exit``; the summary of every pass at the end."""
+    from .console import summary_line
+    from .jsonlines import JsonLinesProgress
+    from .summary import RunSummary
+    from .worker import WorkOptions, work
+
+    if args.json and args.json_lines:
+        raise UsageError("--json and --json-lines are two ways to say one thing: pick one")
+    settings = _settings(args)
+    settings.require_api()
+    summary = RunSummary()
+    options = WorkOptions(idle_exit=args.idle_exit)
+    try:
+        with _progress(args) as shown:
+            _warn_if_key_in_clear(settings)
+            progress = JsonLinesProgress(shown, sys.stdout) if args.json_lines else shown
+            _, signum = asyncio.run(
+                _until_signal(
+                    lambda stop: work(settings, options, progress, stop, summary),
+                    "stopping; downloads in flight are kept for the next run",
+                )
+            )
+    except FetcherError as exc:
+        if args.json or args.json_lines:
+            _print_summary(args, summary, exc.exit_code, exc)
+        raise
+    code = summary.exit_code if signum is None else 128 + signum
+    if args.json or args.json_lines:
+        _print_summary(args, summary, code, None)
+    elif not args.quiet or signum is not None:
+        print(summary_line(summary))
+    return code
+
+
 def _search(args: argparse.Namespace) -> int:
     """``search``: index an archive that predates the index, then print the matches."""
     import contextlib
@@ -834,6 +904,7 @@ _COMMANDS = {
     "verify": _verify,
     "search": _search,
     "enqueue": _enqueue,
+    "work": _work,
     "demo": _demo,
     "serve": _serve,
 }

@@ -169,7 +169,7 @@ ARCHIVED = "archived"
 FAILED = "failed"
 EXPIRED = "expired"
 #: Every task state, in the order reports list them.
-STATES = (ARCHIVED, QUEUED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED, QUEUED)
 
 
 @dataclass(frozen=True, slots=True)

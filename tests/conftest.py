@@ -101,6 +101,16 @@ def add_image_task(
     return datas
 
 
+def add_running_task(replica: Replica, tid: str) -> None:
+    """A task the API still runs at the first query, finished with one PNG at the next."""
+    url = replica.add_file(f"{tid}/image.png", png(16, 16))
+    replica.set_task(
+        tid,
+        task_response(tid, status="PROCESSING"),
+        task_response(tid, files=[file_info(url)]),
+    )
+
+
 def add_video_task(replica: Replica, tid: str, size: int = 200_000) -> bytes:
     data = pseudo_video(size, seed=size)
     url = replica.add_file(f"{tid}/video.mp4", data, "video/mp4")

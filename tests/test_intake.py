@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import add_image_task, archived_files, process_env, run, run_cli, task_id
+from conftest import (
+    add_image_task,
+    add_running_task,
+    archived_files,
+    process_env,
+    run,
+    run_cli,
+    task_id,
+)
 
 from fetcher.archive import Archive
 from fetcher.config import Settings
 from fetcher.intake import record_queued
-from fetcher.replica import Replica, file_info, png, task_response
+from fetcher.replica import Replica
 from fetcher.state import FAILED, QUEUED, StateDB
 
 
@@ -150,12 +158,7 @@ def test_a_queued_task_still_running_becomes_pending(
 ) -> None:
     """A queued task the API still runs is pending after the drain, then archived later."""
     tid = task_id(1)
-    url = replica.add_file(f"{tid}/image.png", png(16, 16))
-    replica.set_task(
-        tid,
-        task_response(tid, status="PROCESSING"),
-        task_response(tid, files=[file_info(url)]),
-    )
+    add_running_task(replica, tid)
     env = process_env(replica, archive_dir, tmp_path)
     assert run_cli(["enqueue", "--id", tid], env=env).returncode == 0
 
