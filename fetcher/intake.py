@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import EXIT_FAILED, EXIT_OK
 from .feed import batches
 from .ids import IdSource, InvalidId, iter_entries
-from .state import FAILED, QUEUED, StateDB, now_text
+from .state import FAILED, QUEUED, Records, StateDB, now_text
 from .stores import open_store
 
 #: At most this many IDs to a transaction (the lines a batch may gather).
@@ -96,7 +96,7 @@ async def enqueue(
     return summary
 
 
-def record_queued(db: StateDB, task_ids: Sequence[str]) -> int:
+def record_queued(db: Records, task_ids: Sequence[str]) -> int:
     """Queue ``task_ids`` in one transaction; how many were recorded as queued.
 
     A task the state holds is left as it is, unless it failed in a way that asking
