@@ -169,7 +169,14 @@ def reading(root: Path) -> Iterator[Catalog]:
     archive = Archive(root)
     if not archive.exists():
         raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
-    with StateDB(archive.db_path, readonly=True) as db:
+    with reading_state(archive.db_path) as catalog:
+        yield catalog
+
+
+@contextmanager
+def reading_state(db_path: Path) -> Iterator[Catalog]:
+    """The state database at ``db_path`` opened for reading (a bucket's, kept on this machine)."""
+    with StateDB(db_path, readonly=True) as db:
         yield Catalog(db)
 
 

@@ -218,6 +218,7 @@ def _search_parser(commands: Any) -> None:
     )
     search.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     search.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _store_flags(search, state=False)  # its --state is a task's; FETCHER_STATE names the file
 
 
 def _id_flags(parser: argparse.ArgumentParser) -> None:
@@ -325,6 +326,7 @@ def _serve_parser(commands: Any) -> None:
     )
     serve.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _store_flags(serve)
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
     )
@@ -369,7 +371,9 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     _store_flags(group)
 
 
-def _store_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _store_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, state: bool = True
+) -> None:
     """How a bucket archive (``--archive s3://BUCKET[/PREFIX]``) is reached, and its state."""
     parser.add_argument(
         "--s3-endpoint", metavar="URL", help="S3 endpoint (default: as the AWS CLI finds it)"
@@ -379,9 +383,10 @@ def _store_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
         choices=("auto", "path", "virtual"),
         help="bucket in the path or in the host name (auto: path for an IP or localhost)",
     )
-    parser.add_argument(
-        "--state", metavar="PATH", help="a bucket archive's state file (default: user data dir)"
-    )
+    if state:
+        parser.add_argument(
+            "--state", metavar="PATH", help="a bucket archive's state file (default: user data dir)"
+        )
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -755,18 +760,13 @@ def _work(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     """``search``: index an archive that predates the index, then print the matches."""
-    import contextlib
     import shutil
 
-    from .catalog import Query, reading
-    from .console import IndexBar
-    from .index import index_archive
+    from .catalog import Query
     from .jsonlines import compact
     from .models import one_line
 
-    root = _settings(args).archive
-    with contextlib.closing(IndexBar()) as bar:
-        whole = index_archive(root, bar)
+    opened, whole, missing = _searched(args)
     query = Query(
         text=" ".join(args.query),
         task_type=args.task_type,
@@ -776,11 +776,11 @@ def _search(args: argparse.Namespace) -> int:
         states=tuple(args.states),
     )
     width = shutil.get_terminal_size().columns
-    with reading(root) as catalog:
+    with opened as catalog:
         if not (whole and catalog.indexed_whole()):
             print(
-                "fetcher: warning: the search index is not built yet (another run holds the "
-                "lock, or the archive is read-only): searching row by row",
+                f"fetcher: warning: the search index is not built yet ({missing}): "
+                "searching row by row",
                 file=sys.stderr,
             )
         for card in _cards(catalog, query, args.limit):
@@ -789,6 +789,30 @@ def _search(args: argparse.Namespace) -> int:
             else:
                 print(_card_line(card, width, one_line))
     return 0
+
+
+def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
+    """The catalog a search reads, whether its index is whole, and why it may not be.
+
+    A folder's index is built first when the archive predates it (with a bar). A
+    bucket's state is read here, restored from the bucket's snapshot when this host
+    has none; its index is built by the fetch runs that write it.
+    """
+    import contextlib
+
+    from .catalog import reading, reading_state
+    from .console import IndexBar
+    from .index import index_archive
+    from .stores import BucketUrl, state_here
+
+    settings = _settings(args)
+    root = settings.archive
+    if isinstance(root, BucketUrl):
+        return reading_state(state_here(root, settings)), True, "the next fetch builds it"
+    with contextlib.closing(IndexBar()) as bar:
+        whole = index_archive(root, bar)
+    reason = "another run holds the lock, or the archive is read-only"
+    return reading(root), whole, reason
 
 
 def _cards(catalog: Any, query: Any, limit: int) -> Any:
@@ -880,8 +904,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .gallery import GalleryOptions, serve
 
     token = args.token or os.environ.get("FETCHER_SERVE_TOKEN") or None
+    settings = _settings(args)
     options = GalleryOptions(
-        archive=_settings(args).archive, host=args.host, port=args.port, token=token
+        archive=settings.archive, host=args.host, port=args.port, token=token, settings=settings
     )
 
     def ready(url: str) -> None:

@@ -22,6 +22,7 @@ from fetcher.ids import IdSource
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, pseudo_video, task_response
 from fetcher.summary import RunSummary
+from tests.s3server import AWS_USER_VARIABLES, MotoServer, aws_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,24 @@ def replica() -> Iterator[Replica]:
     """A running replica of the gateway and the file host."""
     with Replica() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """One moto S3 server for the session; each test has buckets of its own."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials as the AWS CLI takes them, and none of the user's own files."""
+    env = aws_credentials(tmp_path)
+    for name in AWS_USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
 
 
 @pytest.fixture

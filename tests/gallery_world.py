@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from servers import LoopThread
 
@@ -21,6 +22,9 @@ from fetcher.gallery import GalleryOptions, serve
 from fetcher.ids import IdSource
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, sample_video, task_response
+from fetcher.stores import BucketUrl
+
+_Archive = TypeVar("_Archive", Path, BucketUrl)
 
 HOSTILE = '<script>document.title="pwned"</script> a pig in the rain, <b>bold</b> & "quoted"'
 PROMPTS = (
@@ -119,12 +123,19 @@ def load(replica: Replica) -> list[str]:
     return [*ids, VIDEO, PENDING, FAILED]
 
 
-def build_archive(archive: Path) -> Path:
-    """A real archive: the world fetched through the pipeline from the replica."""
+def build_archive(archive: _Archive, **extra: Any) -> _Archive:
+    """A real archive: the world fetched through the pipeline from the replica.
+
+    ``archive`` may be a bucket; ``extra`` settings say how it is reached.
+    """
     with Replica() as replica:
         ids = load(replica)
         settings = Settings(
-            archive=archive, base_url=replica.api_url, api_key=replica.api_key, retry_wait=0.01
+            archive=archive,
+            base_url=replica.api_url,
+            api_key=replica.api_key,
+            retry_wait=0.01,
+            **extra,
         )
         fetch_sync(settings, [IdSource.from_values("world", ids)], FetchOptions())
     return archive

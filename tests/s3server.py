@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Self
 
 import aiohttp
@@ -29,6 +30,10 @@ from aiohttp import web
 
 from tests.servers import LoopThread
 
+#: The AWS secret the tests use: a test fails wherever it shows up.
+SECRET = "s3cr3t-Wr0ngly-Printed-Would-Show"
+#: Variables of the user's own AWS setup that a test must not inherit.
+AWS_USER_VARIABLES = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN")
 #: The server, started by the test process itself: a child that dies with stdin's close.
 _SERVE = (
     "import sys\n"
@@ -209,6 +214,17 @@ class StoreProxy:
                 out["Content-Length"] = answer.headers.get("Content-Length", "0")
                 return web.Response(status=answer.status, headers=out)
             return web.Response(status=answer.status, headers=out, body=data)
+
+
+def aws_credentials(folder: Path) -> dict[str, str]:
+    """Credentials as the AWS CLI takes them, and none of the user's own files."""
+    return {
+        "AWS_ACCESS_KEY_ID": "AKIATESTING",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"),
+    }
 
 
 @contextmanager

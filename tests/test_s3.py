@@ -33,35 +33,10 @@ from fetcher.stores import BucketUrl
 from fetcher.summary import Outcome
 from fetcher.verify import Problem
 from tests.conftest import ROOT, add_image_task, add_video_task, run, task_id, tweak
-from tests.s3server import Fault, MotoServer, StoreProxy, store_proxy
+from tests.s3server import SECRET, Fault, MotoServer, StoreProxy, store_proxy
 
-SECRET = "s3cr3t-Wr0ngly-Printed-Would-Show"
 #: A file over the single-PUT limit: it goes up in parts.
 LARGE = 40 * 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def moto() -> Iterator[MotoServer]:
-    """One moto server for the session; each test has buckets of its own."""
-    with MotoServer() as server:
-        yield server
-
-
-@pytest.fixture
-def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Credentials as the AWS CLI takes them, and none of the user's own files."""
-    env = {
-        "AWS_ACCESS_KEY_ID": "AKIATESTING",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-    }
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
 
 
 @dataclass

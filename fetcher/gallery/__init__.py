@@ -3,8 +3,10 @@
 ``server`` owns the application's lifetime, ``guard`` the token, Host, path and
 header rules, ``routes`` the answers, ``params`` the filters read from a request,
 ``pages`` the HTML, ``reader`` the catalog on its own thread, ``thumbs`` the
-thumbnails (Pillow). The browser side is ``static/gallery.js`` and ``gallery.css``.
-Nothing here writes but the thumbnails, inside the archive's ``.fetcher/thumbs/``.
+thumbnails (Pillow), ``sources`` the files (from a folder, or streamed from a bucket).
+The browser side is ``static/gallery.js`` and ``gallery.css``. Nothing here writes but
+the thumbnails: a folder's inside its ``.fetcher/thumbs/``, a bucket's in the user
+cache dir.
 """
 
 from __future__ import annotations

@@ -157,21 +157,29 @@ class Outside(Exception):
     """A path the gallery will not serve: outside the archive, hidden, a link, not a file."""
 
 
-def contained(root: Path, relative: str) -> Path:
-    """``relative`` (archive-relative, ``/``-separated) as a real file inside ``root``.
+def visible_parts(relative: str) -> list[str]:
+    """The segments of ``relative`` (archive-relative, ``/``-separated), or :class:`Outside`.
 
-    ``root`` is the archive's resolved path. Refused (:class:`Outside`): an absolute
-    path, a ``..`` or empty segment, any segment starting with a dot (``.fetcher/``
-    with the state, lock and work files, and every other hidden folder), a symbolic
-    link anywhere below the root (even one pointing inside: it could point at the
-    state), and anything but a regular file.
+    Refused: an absolute path, a NUL or backslash, a ``..`` or empty segment, and any
+    segment starting with a dot (``.fetcher/`` with the state, lock and work files, and
+    every other hidden folder). A folder's files and a bucket's keys pass this alike.
     """
     parts = relative.split("/")
     if relative.startswith("/") or "\x00" in relative or "\\" in relative:
         raise Outside(relative)
     if any(not part or part.startswith(".") for part in parts):
         raise Outside(relative)
-    candidate = root.joinpath(*parts)
+    return parts
+
+
+def contained(root: Path, relative: str) -> Path:
+    """``relative`` (archive-relative, ``/``-separated) as a real file inside ``root``.
+
+    ``root`` is the archive's resolved path. Refused (:class:`Outside`): what
+    :func:`visible_parts` refuses, a symbolic link anywhere below the root (even one
+    pointing inside: it could point at the state), and anything but a regular file.
+    """
+    candidate = root.joinpath(*visible_parts(relative))
     if os.path.realpath(candidate) != str(candidate):
         raise Outside(relative)  # a link on the way, or the root itself is not resolved
     try:

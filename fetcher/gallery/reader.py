@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
-from ..catalog import Catalog, reading
+from ..catalog import Catalog, reading_state
 
 _T = TypeVar("_T")
 #: Thumbnails made at once: the machine's cores are for serving too.
@@ -23,10 +23,10 @@ THUMB_WORKERS = 2
 
 
 class Reader:
-    """``async with Reader(root) as reader:`` opens the archive's catalog read-only."""
+    """``async with Reader(db_path) as reader:`` opens the archive's catalog read-only."""
 
-    def __init__(self, root: Path) -> None:
-        self._root = root
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
         self._catalog: Catalog | None = None
         self._stack = ExitStack()
         self._db = ThreadPoolExecutor(1, thread_name_prefix="gallery-catalog")
@@ -41,7 +41,7 @@ class Reader:
         return self
 
     def _open(self) -> None:
-        self._catalog = self._stack.enter_context(reading(self._root))
+        self._catalog = self._stack.enter_context(reading_state(self._db_path))
 
     async def __aexit__(
         self,

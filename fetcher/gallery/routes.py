@@ -2,29 +2,30 @@
 
 Files are addressed by task and position (``/file/<task>/<index>``), never by a path
 from the URL: the path comes from the state database and still passes
-:func:`~fetcher.gallery.guard.contained`, so a hostile database cannot name a file
-outside the archive either. Only GET (and HEAD) exist.
+:func:`~fetcher.gallery.guard.visible_parts` (a folder's, :func:`~fetcher.gallery.guard.contained`
+too) in its source, so a hostile database cannot name a file outside the archive either.
+Only GET (and HEAD) exist.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..catalog import Card, CardFile, Catalog, Query
 from ..errors import UsageError
-from .guard import Outside, contained
+from .guard import Outside
 from .pages import card_json, grid_page, task_page
 from .params import BadParameter, Filters, read_filters
 from .reader import Reader
-from .thumbs import CONTENT_TYPE, NotAPicture, Thumbnails
+from .sources import FileSource
+from .thumbs import CONTENT_TYPE, NotAPicture
 
 READER = web.AppKey("reader", Reader)
-ROOT = web.AppKey("root", Path)
-THUMBS = web.AppKey("thumbs", Thumbnails)
+SOURCE = web.AppKey("source", FileSource)
 STATIC = web.AppKey("static", dict)
 
 #: A task ID as the gateway makes them (and as fetcher accepts them).
@@ -32,8 +33,6 @@ _TASK = r"{task_id:[A-Za-z0-9._-]{1,256}}"
 _INDEX = r"{index:[0-9]{1,6}}"
 #: A sidecar embedded in a task page; a larger one is linked, not shown.
 SIDECAR_SHOWN = 1 << 20
-#: Content types a file is served as; anything else is a download (no browser renders it).
-_SHOWN_TYPES = ("image/", "video/", "audio/")
 _STATIC_TYPES = {"gallery.js": "text/javascript", "gallery.css": "text/css"}
 
 
@@ -94,11 +93,12 @@ async def _card(request: web.Request) -> Card:
     return card
 
 
-def _inside(request: web.Request, relative: str | None) -> Path:
-    if relative is None:
-        raise web.HTTPNotFound(text="404: not archived\n")
+async def _served(
+    answer: Callable[[], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """``answer()``; a path the source will not serve (outside, hidden, a link) is a 404."""
     try:
-        return contained(request.app[ROOT], relative)
+        return await answer()
     except Outside:
         raise web.HTTPNotFound(text="404: not in the archive\n") from None
 
@@ -108,46 +108,38 @@ async def task(request: web.Request) -> web.Response:
     filters = _filters(request, paged=False)
     text = None
     if card.folder:
-        try:
-            path = _inside(request, f"{card.folder.rstrip('/')}/task.json")
-            if path.stat().st_size <= SIDECAR_SHOWN:
-                text = path.read_text(encoding="utf-8", errors="replace")
-        except (web.HTTPNotFound, OSError):
-            text = None
+        text = await request.app[SOURCE].sidecar(card.folder.rstrip("/"), SIDECAR_SHOWN)
     return web.Response(text=task_page(card, text, filters.encoded), content_type="text/html")
 
 
-async def _file_of(request: web.Request) -> tuple[CardFile, Path]:
+async def _file_of(request: web.Request) -> CardFile:
     card = await _card(request)
     index = int(request.match_info["index"])
     for item in card.files:
         if item.index == index and item.state == "done":
-            return item, _inside(request, item.path)
+            if item.path is None:
+                raise web.HTTPNotFound(text="404: not archived\n")
+            return item
     raise web.HTTPNotFound(text="404: no such file in this task\n")
 
 
 async def archived_file(request: web.Request) -> web.StreamResponse:
-    """The file's bytes; Range requests are answered (aiohttp's FileResponse does them)."""
-    item, path = await _file_of(request)
-    headers = {"Cache-Control": "private, max-age=3600"}
-    kind = item.content_type or ""
-    if kind.startswith(_SHOWN_TYPES) and "svg" not in kind:
-        headers["Content-Type"] = kind
-    else:
-        headers["Content-Type"] = "application/octet-stream"
-        headers["Content-Disposition"] = f'attachment; filename="{path.name}"'
-    return web.FileResponse(path, headers=headers)
+    """The file's bytes; Range requests are answered (206 with Content-Range)."""
+    item = await _file_of(request)
+    path = item.path or ""
+    return await _served(lambda: request.app[SOURCE].send(request, path, item.content_type))
 
 
-async def thumbnail(request: web.Request) -> web.Response:
-    item, path = await _file_of(request)
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    item = await _file_of(request)
     if item.kind != "image":
         raise web.HTTPNotFound(text="404: only pictures have thumbnails\n")
-    store = request.app[THUMBS]
     try:
-        data = await request.app[READER].picture(lambda: store.get(path, item.path or ""))
+        data = await request.app[SOURCE].thumbnail(request.app[READER], item)
     except NotAPicture:
         raise web.HTTPNotFound(text="404: not a picture Pillow can read\n") from None
+    except Outside:
+        raise web.HTTPNotFound(text="404: not in the archive\n") from None
     return web.Response(
         body=data,
         content_type=CONTENT_TYPE,
@@ -157,8 +149,10 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 async def sidecar(request: web.Request) -> web.StreamResponse:
     card = await _card(request)
-    path = _inside(request, f"{(card.folder or '').rstrip('/')}/task.json" if card.folder else None)
-    return web.FileResponse(path, headers={"Content-Type": "application/json; charset=utf-8"})
+    if not card.folder:
+        raise web.HTTPNotFound(text="404: not archived\n")
+    folder = card.folder.rstrip("/")
+    return await _served(lambda: request.app[SOURCE].send_sidecar(request, folder))
 
 
 async def static(request: web.Request) -> web.Response:

@@ -1,8 +1,9 @@
 """``fetcher serve``: the gallery's web application and its lifetime.
 
-One :func:`serve` call owns everything: the catalog (opened read-only), the aiohttp
-application and its runner, the listening socket. It returns when ``stop`` is set
-(the CLI sets it on SIGINT/SIGTERM), after the runner has closed every connection.
+One :func:`serve` call owns everything: the archive's file source (a folder, or a
+bucket and its client), the catalog (opened read-only), the aiohttp application and
+its runner, the listening socket. It returns when ``stop`` is set (the CLI sets it on
+SIGINT/SIGTERM), after the runner has closed every connection.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..archive import Archive
 from ..errors import ListenError, UsageError
+from ..stores import BucketUrl
 from .guard import Gate, is_loopback, make_guard, secure_headers
 from .reader import Reader
-from .routes import READER, ROOT, THUMBS, add_routes
-from .thumbs import Thumbnails
+from .routes import READER, SOURCE, add_routes
+from .sources import FileSource, open_source
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -34,10 +39,13 @@ SHUTDOWN = 2.0
 class GalleryOptions:
     """Where the gallery listens, and the token every request needs (None: none needed)."""
 
-    archive: Path
+    #: A folder, or ``s3://BUCKET/PREFIX`` (reached as ``settings`` say).
+    archive: Path | BucketUrl
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token: str | None = None
+    #: A bucket's endpoint, addressing, retries and state file; unused for a folder.
+    settings: Settings | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,13 +65,12 @@ def gallery_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
-def build_app(options: GalleryOptions, reader: Reader, root: Path) -> web.Application:
+def build_app(options: GalleryOptions, reader: Reader, source: FileSource) -> web.Application:
     """The application: the guard in front of the routes, secure headers on every answer."""
     gate = Gate(options.token, loopback=is_loopback(options.host))
     app = web.Application(middlewares=[make_guard(gate)])
     app[READER] = reader
-    app[ROOT] = root
-    app[THUMBS] = Thumbnails(root)
+    app[SOURCE] = source
     app.on_response_prepare.append(secure_headers)
     add_routes(app)
     return app
@@ -73,16 +80,16 @@ async def serve(options: GalleryOptions, stop: asyncio.Event, ready: Callable[[s
     """Serve the gallery until ``stop`` is set; ``ready(url)`` once it listens.
 
     A missing archive, a port in use or a host that does not resolve is a
-    :class:`~fetcher.errors.UsageError` (one line, exit 2) before anything is served.
+    :class:`~fetcher.errors.UsageError` (one line, exit 2) before anything is served;
+    so is a bucket that does not exist or refuses the credentials.
     """
-    archive = Archive(options.archive)
-    if not archive.exists():
-        raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
-    root = archive.root.resolve()
-    async with Reader(root) as reader:
+    async with (
+        open_source(options.archive, options.settings) as source,
+        Reader(source.db_path) as reader,
+    ):
         # A video still streaming gets SHUTDOWN seconds to finish once stopped, not 60.
         runner = web.AppRunner(
-            build_app(options, reader, root), access_log=None, shutdown_timeout=SHUTDOWN
+            build_app(options, reader, source), access_log=None, shutdown_timeout=SHUTDOWN
         )
         await runner.setup()
         try:

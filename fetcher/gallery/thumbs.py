@@ -1,7 +1,8 @@
 """Thumbnails for the grid, made by Pillow on first view and kept in ``.fetcher/thumbs/``.
 
 This is the only thing the gallery writes, and only inside fetcher's own hidden
-folder: a thumbnail is a temp file renamed into place, so a reader never sees half
+folder (a bucket's thumbnails go to the user cache dir: nothing is written into a
+bucket): a thumbnail is a temp file renamed into place, so a reader never sees half
 of one, and two requests for the same picture race harmlessly. An archive that
 cannot be written (a backup, a read-only mount) still gets its thumbnails, made
 again for each view. Pillow is imported here alone, when the first one is made.
@@ -27,12 +28,12 @@ class NotAPicture(Exception):
 
 
 class Thumbnails:
-    """The thumbnail store of one archive."""
+    """A thumbnail store: WebPs in ``folder``, named by a digest of what each was made of."""
 
-    def __init__(self, root: Path) -> None:
-        #: The archive's resolved root; the store is ``<root>/.fetcher/thumbs``.
-        self.root = root
-        self.folder = root / ".fetcher" / "thumbs"
+    def __init__(self, folder: Path) -> None:
+        #: A resolved path: ``<archive>/.fetcher/thumbs``, or a bucket's in the user cache dir.
+        #: Its parent must exist; the store makes only the folder itself and those below.
+        self.folder = folder
 
     def get(self, source: Path, relative: str) -> bytes:
         """The thumbnail of ``source`` (a contained file), from the store or made now.
@@ -41,18 +42,28 @@ class Thumbnails:
         file replaced in place (``verify --repair``) gets a new thumbnail.
         """
         info = source.stat()
-        key = hashlib.sha256(
-            f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\0{SIZE}".encode()
-        ).hexdigest()
-        kept = self.folder / key[:2] / f"{key}.webp"
+        identity = f"{relative}\0{info.st_size}\0{info.st_mtime_ns}"
+        found = self.kept(identity)
+        return found if found is not None else self.keep(identity, make_thumbnail(source))
+
+    def kept(self, identity: str) -> bytes | None:
+        """The thumbnail stored for ``identity`` (what it was made of), if there is one."""
+        kept = self._path(identity)
         if self._ours(kept.parent):
             try:
                 return kept.read_bytes()
             except OSError:
                 pass
-        data = make_thumbnail(source)
-        self._keep(kept, data)
+        return None
+
+    def keep(self, identity: str, data: bytes) -> bytes:
+        """Store ``data`` as ``identity``'s thumbnail when the store can be written; ``data``."""
+        self._keep(self._path(identity), data)
         return data
+
+    def _path(self, identity: str) -> Path:
+        key = hashlib.sha256(f"{identity}\0{SIZE}".encode()).hexdigest()
+        return self.folder / key[:2] / f"{key}.webp"
 
     def _ours(self, folder: Path) -> bool:
         """Whether ``folder`` is the real folder it should be: no link leads out of the store."""

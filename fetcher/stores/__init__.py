@@ -148,6 +148,17 @@ async def fetch_state(store: ArchiveStore) -> bool:
         await store.close()
 
 
+def state_here(url: BucketUrl, settings: Settings | None = None) -> Path:
+    """A bucket archive's state on this machine, for reading: restored from the bucket's
+    snapshot when this host has none; a usage error when the bucket holds no archive."""
+    import asyncio
+
+    store = open_store(url, settings)
+    if not asyncio.run(fetch_state(store)):
+        raise UsageError(f"no fetcher archive at {store.name!r}")
+    return store.db_path
+
+
 def open_store(archive: Path | BucketUrl, settings: Settings | None = None) -> ArchiveStore:
     """The store an ``archive`` setting names; a bucket's library is imported only here."""
     if isinstance(archive, BucketUrl):

@@ -1,0 +1,67 @@
+"""The gallery's files from an archive folder: paths checked by
+:func:`~fetcher.gallery.guard.contained`, bytes sent by aiohttp's FileResponse."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Self
+
+from aiohttp import web
+
+from ...archive import SIDECAR_NAME, Archive
+from ...errors import UsageError
+from ..guard import Outside, contained
+from ..thumbs import Thumbnails
+from . import SIDECAR_HEADERS, file_headers
+
+if TYPE_CHECKING:
+    from ...catalog import CardFile
+    from ..reader import Reader
+
+
+class FolderSource:
+    """The :class:`~fetcher.gallery.sources.FileSource` of an archive folder."""
+
+    def __init__(self, root: Path) -> None:
+        archive = Archive(root)
+        self.name = str(archive.root)
+        self.db_path = archive.db_path
+        self._archive = archive
+        self.root = archive.root
+        self._thumbs = Thumbnails(archive.meta_dir / "thumbs")
+
+    async def __aenter__(self) -> Self:
+        if not self._archive.exists():
+            raise UsageError(f"no fetcher archive at {self.name!r}")
+        # Resolved once: contained() compares each file's real path with the root's.
+        self.root = self._archive.root.resolve()
+        self.db_path = self.root / self.db_path.relative_to(self._archive.root)
+        self._thumbs = Thumbnails(self.root / self._thumbs.folder.relative_to(self._archive.root))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(
+        self, request: web.Request, relative: str, content_type: str | None
+    ) -> web.StreamResponse:
+        path = contained(self.root, relative)
+        return web.FileResponse(path, headers=file_headers(content_type, path.name))
+
+    async def send_sidecar(self, request: web.Request, folder: str) -> web.StreamResponse:
+        path = contained(self.root, str(PurePosixPath(folder) / SIDECAR_NAME))
+        return web.FileResponse(path, headers=dict(SIDECAR_HEADERS))
+
+    async def sidecar(self, folder: str, limit: int) -> str | None:
+        try:
+            path = contained(self.root, str(PurePosixPath(folder) / SIDECAR_NAME))
+            if path.stat().st_size > limit:
+                return None
+            return path.read_text(encoding="utf-8", errors="replace")
+        except (Outside, OSError):
+            return None
+
+    async def thumbnail(self, reader: Reader, item: CardFile) -> bytes:
+        path = contained(self.root, item.path or "")
+        relative = item.path or ""
+        return await reader.picture(lambda: self._thumbs.get(path, relative))
