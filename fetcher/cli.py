@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a word that is not a number after it is a FILE",
     )
     _summary_flags(fetch)
+    _lease_flag(fetch)
     _setting_flags(fetch)
     _output_flags(fetch)
 
@@ -264,6 +265,7 @@ def _work_parser(commands: Any) -> None:
         help="exit after SECONDS with nothing queued (default: run until stopped)",
     )
     _summary_flags(work)
+    _lease_flag(work)
     _setting_flags(work)
     _output_flags(work)
 
@@ -276,6 +278,24 @@ def _summary_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print each task's outcome as a line of JSON as it happens, then the summary",
     )
+
+
+def _lease_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease",
+        type=_lease_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a task stays this run's without renewal, should it die (default 60)",
+    )
+
+
+def _lease_seconds(text: str) -> float:
+    """A lease's length: more than 0 seconds."""
+    seconds = _seconds(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lease: more than 0 seconds")
+    return seconds
 
 
 def _seconds(text: str) -> float:
@@ -536,6 +556,7 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
         pending=args.pending,
         retry_failed=args.retry_failed,
         wait_lock=wait_lock,
+        lease=args.lease,
     )
     with _progress(args) as shown:
         _warn_if_key_in_clear(settings)
@@ -735,7 +756,7 @@ def _work(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.require_api()
     summary = RunSummary()
-    options = WorkOptions(idle_exit=args.idle_exit)
+    options = WorkOptions(idle_exit=args.idle_exit, lease=args.lease)
     try:
         with _progress(args) as shown:
             _warn_if_key_in_clear(settings)

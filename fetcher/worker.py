@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .ids import IdSource
+from .lease import DEFAULT_LEASE
 from .pipeline import FetchOptions, fetch
 from .progress import NullProgress, Progress
 from .state import INCOMPLETE, PENDING, QUEUED, StateDB
@@ -45,6 +46,8 @@ class WorkOptions:
     idle_exit: float | None = None
     poll: float = POLL
     pending_every: float = PENDING_EVERY
+    #: Each pass's ``--lease``.
+    lease: float = DEFAULT_LEASE
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,8 @@ async def work(
             if look.busy or due:
                 if due:
                     asked_pending = time.monotonic()
-                did = await _pass(settings, look.queued, due, progress, stop, summary)
+                pass_options = FetchOptions(pending=due, wait_lock=math.inf, lease=options.lease)
+                did = await _pass(settings, look.queued, pass_options, progress, stop, summary)
                 if look.busy:
                     idle_since = time.monotonic()
                 if did:
@@ -132,12 +136,12 @@ def _look(db: StateDB) -> _Look:
 async def _pass(
     settings: Settings,
     queued: list[str],
-    pending: bool,
+    options: FetchOptions,
     progress: Progress,
     stop: asyncio.Event,
     summary: RunSummary,
 ) -> bool:
-    """One fetch over ``queued`` (and the unfinished tasks when ``pending``), into ``summary``.
+    """One fetch over ``queued`` (and the unfinished tasks with ``pending``), into ``summary``.
 
     Returns whether it settled anything, so a pass that could not (another run's
     files, a stop) is followed by a pause, not by the same pass at once.
@@ -145,7 +149,6 @@ async def _pass(
     before = (sum(summary.counts.values()), summary.files_downloaded)
     requests = summary.requests
     sources = [IdSource.from_values("queued", queued)] if queued else []
-    options = FetchOptions(pending=pending, wait_lock=math.inf)
     try:
         await fetch(settings, sources, options, progress, stop=stop, summary=summary)
     finally:

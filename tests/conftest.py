@@ -10,7 +10,8 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,22 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def start_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python -m fetcher ARGS`` in the background, stdout and stderr captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fetcher", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Poll ``predicate()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)

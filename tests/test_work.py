@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import add_image_task, add_running_task, process_env, run_cli, task_id
+from conftest import (
+    add_image_task,
+    add_running_task,
+    process_env,
+    run_cli,
+    start_cli,
+    task_id,
+    wait_for,
+)
 
 from fetcher.archive import Archive
 from fetcher.config import Settings
@@ -20,23 +27,8 @@ from fetcher.worker import WorkOptions, work_sync
 
 
 def start_work(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    """``fetcher work ARGS`` in the background, its output captured."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "fetcher", "work", "--no-progress", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for(predicate: object, timeout: float = 20.0) -> None:
-    """Poll ``predicate()`` until it is true; fail the test after ``timeout`` seconds."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
+    """``fetcher work ARGS`` in the background."""
+    return start_cli(["work", "--no-progress", *args], env)
 
 
 def test_work_archives_ids_enqueued_while_it_runs(

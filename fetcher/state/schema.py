@@ -118,6 +118,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT OR REPLACE INTO meta VALUES ('text_index', CASE WHEN EXISTS "
         "(SELECT 1 FROM tasks WHERE detail IS NOT NULL) THEN 'partial' ELSE 'whole' END)",
     ),
+    # 5: the runs working on the state and their leases on tasks (fetcher/lease.py).
+    # Times are Unix seconds; a run or a lease not renewed by then has lapsed.
+    (
+        """CREATE TABLE IF NOT EXISTS runs (
+            run_id      TEXT PRIMARY KEY,
+            host        TEXT NOT NULL,
+            pid         INTEGER NOT NULL,
+            started_at  TEXT NOT NULL,
+            alive_until REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS leases (
+            task_id    TEXT PRIMARY KEY,
+            run_id     TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS leases_by_run ON leases (run_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The first schema with the search index (task_text, task_search).
