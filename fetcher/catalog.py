@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -228,6 +228,27 @@ class Catalog:
         rows = self._db.query(sql + "WHERE t.task_id = ?", (task_id,))
         cards = self._cards(rows)
         return cards[0] if cards else None
+
+    def neighbours(self, task_id: str, query: Query) -> tuple[str | None, str | None]:
+        """The tasks just newer and just older than ``task_id`` among those ``query`` lists,
+        newest first: where a task page's arrows lead, however the page was reached."""
+        row = self._db.query_one(
+            f"SELECT {_LISTED_T} FROM tasks t WHERE t.task_id = ?",  # noqa: S608
+            (task_id,),
+        )
+        if row is None or row[0] is None:
+            return None, None
+        listed = str(row[0])
+        older = self.find(replace(query, after=_cursor(listed, task_id), limit=1)).cards
+        where, params, source = self._conditions(replace(query, after=None))
+        where.append(f"{_LISTED_T} >= ? AND ({_LISTED_T} > ? OR t.task_id > ?)")
+        params += [listed, listed, task_id]
+        newer = self._db.query(
+            f"SELECT t.task_id FROM {source} WHERE {' AND '.join(where)} "  # noqa: S608
+            f"ORDER BY {_LISTED_T} ASC, t.task_id ASC LIMIT 1",
+            params,
+        )
+        return (str(newer[0][0]) if newer else None), (older[0].task_id if older else None)
 
     def facets(self) -> Facets:
         """Task types and models present, and how many tasks are in each state."""

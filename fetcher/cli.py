@@ -352,9 +352,16 @@ def _serve_parser(commands: Any) -> None:
     )
     serve.add_argument("--port", type=_count, default=8765, help="port (default 8765; 0 picks one)")
     serve.add_argument("--open", action="store_true", help="open the gallery in a web browser")
-    serve.add_argument(
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument(
         "--token",
         help="require this token on every request (FETCHER_SERVE_TOKEN; needed off loopback)",
+    )
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the same, read from FILE's first line (kept out of the process list)",
     )
 
 
@@ -830,7 +837,7 @@ def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
     root = settings.archive
     if isinstance(root, BucketUrl):
         return reading_state(state_here(root, settings)), True, "the next fetch builds it"
-    with contextlib.closing(IndexBar()) as bar:
+    with contextlib.closing(IndexBar(shown=not args.json)) as bar:
         whole = index_archive(root, bar)
     reason = "another run holds the lock, or the archive is read-only"
     return reading(root), whole, reason
@@ -924,7 +931,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .gallery import GalleryOptions, serve
 
-    token = args.token or os.environ.get("FETCHER_SERVE_TOKEN") or None
+    token = _serve_token(args)
     settings = _settings(args)
     options = GalleryOptions(
         archive=settings.archive, host=args.host, port=args.port, token=token, settings=settings
@@ -942,6 +949,18 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(format="fetcher: %(message)s")
     asyncio.run(_until_signal(lambda stop: serve(options, stop, ready), "stopping the gallery"))
     return 0
+
+
+def _serve_token(args: argparse.Namespace) -> str | None:
+    """``--token``, else ``--token-file``'s first line, else ``FETCHER_SERVE_TOKEN``."""
+    from .config import secret_from_file
+
+    if args.token_file is None:
+        return args.token or os.environ.get("FETCHER_SERVE_TOKEN") or None
+    token, warnings = secret_from_file(args.token_file.expanduser(), "token file", "the token")
+    for warning in warnings:
+        print(f"fetcher: warning: {warning}", file=sys.stderr)
+    return token
 
 
 _COMMANDS = {

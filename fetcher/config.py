@@ -302,23 +302,29 @@ def _key_from_file(given: _Given) -> tuple[str, list[str]]:
     path = Path(raw.strip()).expanduser()
     if given.base is not None and not path.is_absolute():
         path = given.base / path
+    return secret_from_file(path, "API key file", "the key")
+
+
+def secret_from_file(path: Path, what: str, secret: str) -> tuple[str, list[str]]:
+    """A secret (``what`` holds ``secret``) from the first line of ``path``, and a warning if
+    others can read it; a file others control, or an unreadable or empty one, is refused."""
     shown = str(path)
-    _refuse_if_others_control(path, "API key file")
+    _refuse_if_others_control(path, what)
     try:
         with path.open("rb") as handle:
             first = handle.readline(64 * 1024)
     except OSError as exc:
-        raise ConfigError(f"cannot read API key file {shown!r}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {shown!r}: {exc.strerror}") from None
     try:
-        key = first.decode("utf-8").removeprefix("\ufeff").strip()
+        value = first.decode("utf-8").removeprefix("\ufeff").strip()
     except UnicodeDecodeError:
-        raise ConfigError(f"API key file {shown!r} is not UTF-8 text") from None
-    if not key:
-        raise ConfigError(f"API key file {shown!r} is empty (the key goes on its first line)")
+        raise ConfigError(f"{what} {shown!r} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{what} {shown!r} is empty ({secret} goes on its first line)")
     warnings = []
     if _readable_by_others(path):
-        warnings.append(f"API key file {shown!r} is readable by other users (chmod 600 it)")
-    return key, warnings
+        warnings.append(f"{what} {shown!r} is readable by other users (chmod 600 it)")
+    return value, warnings
 
 
 def _proxies(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

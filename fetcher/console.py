@@ -168,10 +168,14 @@ class BarProgress(LogProgress):
 
 
 class IndexBar:
-    """The search index's bar alone, for ``fetcher search`` on an archive being indexed."""
+    """The search index's bar alone, for ``fetcher search`` on an archive being indexed.
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    Shown on a terminal only, and not when ``shown`` is False (``search --json``).
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, shown: bool = True) -> None:
         self._stream = stream or sys.stderr
+        self._shown = shown
         self._bar: Any = None
 
     def indexed(self, done: int, total: int) -> None:
@@ -183,7 +187,7 @@ class IndexBar:
                 unit="task",
                 total=total,
                 file=self._stream,
-                disable=not self._stream.isatty(),
+                disable=not (self._shown and self._stream.isatty()),
             )
         self._bar.update(done - self._bar.n)
 

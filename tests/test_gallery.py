@@ -155,6 +155,31 @@ def test_task_page_shows_files_prompt_and_sidecar(url: str, archive: Path) -> No
     assert headers["Content-Type"].startswith("application/json")
 
 
+def _arrows(html: str) -> tuple[str | None, str | None]:
+    """Where a task page's Previous and Next lead (None: hidden)."""
+    found = []
+    for side in ("prev", "next"):
+        match = re.search(rf'<a id="{side}" href="([^"]*)"( hidden)?', html)
+        assert match is not None
+        found.append(None if match.group(2) else match.group(1).replace("&amp;", "&"))
+    return found[0], found[1]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [pytest.param("", id="all"), pytest.param("model=GEM", id="filtered")],
+)
+def test_a_task_page_opened_directly_has_its_neighbours(url: str, filters: str) -> None:
+    """Opened from a link, not the grid, a task page still links the newer and older task
+    of the grid's order, within the same filters; the ends have no arrow past them."""
+    order = cards(url, f"&{filters}" if filters else "")
+    suffix = f"?{filters}" if filters else ""
+    for at, task_id in enumerate(order):
+        prev, following = _arrows(page(url, f"/task/{task_id}{suffix}"))
+        assert prev == (f"/task/{order[at - 1]}{suffix}" if at > 0 else None)
+        assert following == (f"/task/{order[at + 1]}{suffix}" if at + 1 < len(order) else None)
+
+
 def test_failed_task_page_gives_the_reason(url: str) -> None:
     """A failed task's page says why it failed."""
     html = page(url, f"/task/{FAILED}")
@@ -284,6 +309,29 @@ def test_symlinks_planted_in_the_archive_are_refused(tmp_path: Path, planted: st
             assert status == 404
             assert b"not for the gallery" not in body and b"SQLite" not in body
         assert get(base, f"/file/{image_id(1)}/0")[0] == 200
+
+
+@pytest.mark.parametrize("encoding", ["br", "gzip"])
+def test_a_compressed_sibling_planted_beside_a_file_is_never_served(
+    tmp_path: Path, encoding: str
+) -> None:
+    """`00.png.br` or `00.png.gz` planted beside an archived file: a browser that accepts
+    that encoding still gets the archived bytes, with no Content-Encoding."""
+    archive = build_archive(tmp_path / "archive")
+    (picture,) = archive.rglob(f"{image_id(0)}/00.png")
+    (sidecar,) = archive.rglob(f"{image_id(0)}/task.json")
+    suffix = ".br" if encoding == "br" else ".gz"
+    for target in (picture, sidecar):
+        target.with_name(target.name + suffix).write_bytes(b"planted, not archived")
+    with running(GalleryOptions(archive, port=0)) as base:
+        for target, original in (
+            (f"/file/{image_id(0)}/0", picture),
+            (f"/sidecar/{image_id(0)}", sidecar),
+        ):
+            status, headers, body = get(base, target, {"Accept-Encoding": encoding})
+            assert status == 200
+            assert body == original.read_bytes()
+            assert "Content-Encoding" not in headers
 
 
 def test_a_token_guards_every_request(archive: Path) -> None:
@@ -460,6 +508,52 @@ def test_serve_token_from_the_environment_and_open(archive: Path, tmp_path: Path
         out, err = process.communicate(timeout=20)
     assert TOKEN not in out + err
     assert process.returncode == 0
+
+
+def test_serve_token_from_a_file(archive: Path, tmp_path: Path) -> None:
+    """--token-file reads the token from a file's first line: it guards every request, and
+    is in neither the process's arguments nor its output."""
+    secret = tmp_path / "token"
+    secret.write_text(f"{TOKEN}\n")
+    secret.chmod(0o600)
+    args = ["--archive", str(archive), "--port", "0", "--token-file", str(secret)]
+    process, address = _start(args, _env(tmp_path))
+    try:
+        assert get(address, "/")[0] == 401
+        assert get(address, "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert TOKEN not in str(process.args)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert TOKEN not in out + err
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "extra", "message"),
+    [
+        pytest.param(None, 0o600, [], "cannot read token file", id="missing"),
+        pytest.param("\n", 0o600, [], "is empty (the token goes on its first line)", id="empty"),
+        pytest.param(TOKEN, 0o666, [], "writable by other users", id="others-write"),
+        pytest.param("short\n", 0o600, [], "16 characters", id="short"),
+        pytest.param(TOKEN, 0o600, ["--token", TOKEN], "not allowed with", id="both"),
+    ],
+)
+def test_serve_refuses_a_bad_token_file_in_one_line(
+    archive: Path, tmp_path: Path, content: str | None, mode: int, extra: list[str], message: str
+) -> None:
+    """A token file that is missing, empty, writable by others or too short, or given with
+    --token: one line, exit 2, and the token never printed."""
+    secret = tmp_path / "token"
+    if content is not None:
+        secret.write_text(content)
+        secret.chmod(mode)
+    args = ["--archive", str(archive), "--port", "0", "--token-file", str(secret), *extra]
+    result = _serve(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
 
 
 def test_help_does_not_load_the_gallery() -> None:

@@ -164,6 +164,16 @@ def test_arrows_step_between_tasks_and_esc_goes_back(page: Page, url: str) -> No
     expect(page.locator(TILES).first).to_be_visible()
 
 
+def test_arrows_work_on_a_task_page_opened_directly(page: Page, url: str) -> None:
+    """A task page opened by its address (no grid before it) steps with the arrows too."""
+    order = newest_first()
+    page.goto(url + "task/" + order[2])
+    expect(page.locator("#prev")).to_be_visible()
+    for key, lands in (("ArrowRight", 3), ("ArrowLeft", 2), ("ArrowLeft", 1)):
+        page.keyboard.press(key)
+        page.wait_for_url(re.compile(order[lands]))
+
+
 def test_arrows_move_through_the_grid(page: Page, url: str) -> None:
     """On the grid, the arrows move the focus from tile to tile; Enter opens one."""
     page.goto(url)

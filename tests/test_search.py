@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import sqlite3
+import struct
+import subprocess
+import sys
+import termios
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -243,6 +250,65 @@ def test_an_archive_from_before_search_is_indexed_once(
         assert catalog.indexed_whole()
         assert len(catalog.find(Query(text="heron")).cards) == 3
         assert len(catalog.find(Query(text="Kling 2.1")).cards) == 1
+
+
+def _search_on_a_terminal(archive: Path, *args: str) -> tuple[int, str, str]:
+    """``fetcher search`` with its stderr on a pseudo-terminal: exit code, stdout, terminal."""
+    leader, follower = pty.openpty()
+    # 24 rows of 100 columns, as a terminal window has (a new pty has none: no room for a bar)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env["XDG_CONFIG_HOME"] = str(archive.parent / "no-config")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fetcher", "search", "--archive", str(archive), *args],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=env,
+            text=True,
+        )
+    finally:
+        os.close(follower)
+    shown = b""
+    try:
+        while chunk := _read_terminal(leader):
+            shown += chunk
+    finally:
+        os.close(leader)
+    out, _ = process.communicate(timeout=60)
+    return process.returncode, out, shown.decode(errors="replace")
+
+
+def _read_terminal(leader: int) -> bytes:
+    """The next bytes the terminal shows; none once the program closed it."""
+    try:
+        return os.read(leader, 65536)
+    except OSError:  # EIO: every writer is gone
+        return b""
+
+
+def test_search_on_an_old_archive_shows_a_bar_on_a_terminal_but_not_with_json(
+    replica: Replica, settings: Settings
+) -> None:
+    """The index build before a search draws its bar on a terminal; with --json it does not
+    (and prints only the JSON lines)."""
+    ids = [task_id(n) for n in range(3)]
+    for tid in ids:
+        add_image_task(replica, tid, prompt="an otter")
+    run(settings, *ids)
+    db_path = settings.archive / ".fetcher" / "state.sqlite"
+    _as_schema_3(db_path)
+    code, out, terminal = _search_on_a_terminal(settings.archive, "otter")
+    assert code == 0, terminal
+    assert "indexing for search" in terminal and "3/3" in terminal
+    assert len(out.splitlines()) == 3
+    _as_schema_3(db_path)
+    code, out, terminal = _search_on_a_terminal(settings.archive, "otter", "--json")
+    assert code == 0, terminal
+    assert terminal == ""
+    assert {json.loads(line)["task_id"] for line in out.splitlines()} == set(ids)
+    with reading(settings.archive) as catalog:
+        assert catalog.indexed_whole()
 
 
 def test_a_fetch_indexes_an_old_archive_first(replica: Replica, settings: Settings) -> None:

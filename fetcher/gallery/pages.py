@@ -199,8 +199,24 @@ def _file_block(card: Card, item: CardFile) -> str:
     )
 
 
-def task_page(card: Card, sidecar: str | None, filters: str) -> str:
-    """One task: every file, what made it, when, and the sidecar as it is on disk."""
+def _step(side: str, task_id: str | None, filters: str, label: str, key: str) -> str:
+    """A task page's arrow: to ``task_id``, or hidden at the end of the list."""
+    href = "#" if task_id is None else task_href(task_id, filters)
+    shown = " hidden" if task_id is None else ""
+    return f'<a id="{side}" href="{_e(href)}"{shown} title="{key}">{label}</a>'
+
+
+def task_page(
+    card: Card,
+    sidecar: str | None,
+    filters: str,
+    near: tuple[str | None, str | None] = (None, None),
+) -> str:
+    """One task: every file, what made it, when, and the sidecar as it is on disk.
+
+    ``near`` is the newer and the older task of the grid's order (with its filters):
+    the arrows work on a page opened from a link or a bookmark too.
+    """
     back = "/" + (f"?{filters}" if filters else "")
     facts = [
         ("task ID", card.task_id),
@@ -229,8 +245,8 @@ def task_page(card: Card, sidecar: str | None, filters: str) -> str:
     body = (
         '<header class="task-head"><nav>'
         f'<a id="back" href="{_e(back)}" title="Esc">Back to the grid</a>'
-        '<a id="prev" href="#" hidden title="Left arrow">Previous</a>'
-        '<a id="next" href="#" hidden title="Right arrow">Next</a></nav></header>'
+        f"{_step('prev', near[0], filters, 'Previous', 'Left arrow')}"
+        f"{_step('next', near[1], filters, 'Next', 'Right arrow')}</nav></header>"
         f'<main class="task" data-task="{_e(card.task_id)}" data-filters="{_e(filters)}">'
         f'<h1 class="prompt">{_e(card.prompt or card.task_id)}</h1>'
         f'<dl class="facts">{rows}</dl><section class="files">{files}</section>{raw}</main>'

@@ -109,7 +109,14 @@ async def task(request: web.Request) -> web.Response:
     text = None
     if card.folder:
         text = await request.app[SOURCE].sidecar(card.folder.rstrip("/"), SIDECAR_SHOWN)
-    return web.Response(text=task_page(card, text, filters.encoded), content_type="text/html")
+    try:
+        near = await request.app[READER].ask(
+            lambda catalog: catalog.neighbours(card.task_id, filters.query)
+        )
+    except UsageError as exc:
+        raise web.HTTPBadRequest(text=f"400: {exc}\n") from None
+    page = task_page(card, text, filters.encoded, near)
+    return web.Response(text=page, content_type="text/html")
 
 
 async def _file_of(request: web.Request) -> CardFile:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Self
 
@@ -17,6 +18,21 @@ from . import SIDECAR_HEADERS, file_headers
 if TYPE_CHECKING:
     from ...catalog import CardFile
     from ..reader import Reader
+
+
+class ArchivedFile(web.FileResponse):
+    """aiohttp's FileResponse, sending the archived file itself and nothing beside it.
+
+    FileResponse serves ``00.png.br`` or ``00.png.gz``, when one lies beside
+    ``00.png`` and the browser accepts that encoding, in place of ``00.png``: a file
+    planted there (not archived, never checked) would be what the browser gets. Here
+    the encodings FileResponse looks for are always none.
+    """
+
+    def _get_file_path_stat_encoding(
+        self, accept_encoding: str
+    ) -> tuple[Path | None, os.stat_result, str | None]:
+        return super()._get_file_path_stat_encoding("")
 
 
 class FolderSource:
@@ -46,11 +62,11 @@ class FolderSource:
         self, request: web.Request, relative: str, content_type: str | None
     ) -> web.StreamResponse:
         path = contained(self.root, relative)
-        return web.FileResponse(path, headers=file_headers(content_type, path.name))
+        return ArchivedFile(path, headers=file_headers(content_type, path.name))
 
     async def send_sidecar(self, request: web.Request, folder: str) -> web.StreamResponse:
         path = contained(self.root, str(PurePosixPath(folder) / SIDECAR_NAME))
-        return web.FileResponse(path, headers=dict(SIDECAR_HEADERS))
+        return ArchivedFile(path, headers=dict(SIDECAR_HEADERS))
 
     async def sidecar(self, folder: str, limit: int) -> str | None:
         try:

@@ -210,9 +210,16 @@ async function neighbours(task) {
 function setUpTask(task) {
   const back = document.getElementById("back");
   const links = { prev: document.getElementById("prev"), next: document.getElementById("next") };
-  const found = neighbours(task).then((near) => {
+  // the grid's own list when the page was opened from it; else the server's neighbours
+  const served = {};
+  for (const side of ["prev", "next"]) {
+    served[side] = links[side].hidden ? null : links[side].getAttribute("href");
+  }
+  const found = neighbours(task).then((listed) => {
+    const near = {};
     for (const side of ["prev", "next"]) {
-      if (near && near[side]) {
+      near[side] = (listed && listed[side]) || served[side];
+      if (near[side]) {
         links[side].href = near[side];
         links[side].hidden = false;
       }
