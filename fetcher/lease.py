@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .state import Records, now_text
+from .state import Records, Step, now_text
 
 #: Default seconds a lease lasts unless renewed (``--lease``).
 DEFAULT_LEASE = 60.0
@@ -126,19 +126,28 @@ class Leases:
             )
 
     def guard(self, task_id: str) -> bool:
-        """Whether this run still holds ``task_id``: call it in the step before a settling write.
+        """Whether this run still holds ``task_id``: call it just before a settling write.
 
-        The row is written (to itself), which makes the check part of the turn's
-        write transaction: on SQLite that holds the database's write lock, on
-        PostgreSQL the row's lock, until the settling write commits. A lease that
-        lapsed but that no run took over is still this run's: nobody else holds it.
+        On SQLite the check joins the turn's write transaction, and with it the
+        settling write (a run's steps of one turn commit together); on PostgreSQL
+        a step is a transaction of its own, so the archived row is checked inside
+        its own step instead (:meth:`held`).
         """
-        with self._db.atomic():
-            row = self._db.query_one(
-                "UPDATE leases SET expires_at = expires_at WHERE task_id = ? AND run_id = ? "
-                "RETURNING task_id",
-                (task_id, self.run_id),
-            )
+        with self._db.atomic() as step:
+            return self.held(task_id, step)
+
+    def held(self, task_id: str, step: Step) -> bool:
+        """Whether this run still holds ``task_id``, checked inside ``step``'s transaction.
+
+        The lease row is written (to itself), which locks it until the transaction
+        ends: on SQLite the database's write lock, on PostgreSQL the row's. A lease
+        that lapsed but that no run took over is still this run's: nobody else holds it.
+        """
+        row = step.execute(
+            "UPDATE leases SET expires_at = expires_at WHERE task_id = ? AND run_id = ? "
+            "RETURNING task_id",
+            (task_id, self.run_id),
+        ).fetchone()
         return row is not None
 
     def release(self, task_id: str) -> None:

@@ -430,15 +430,19 @@ class _Run:
     def _holds(self, task_id: str) -> bool:
         """Whether this run may settle the task; if not, it is another run's now.
 
-        Called in the same turn as the settling write, so both land in one transaction.
+        Called in the same turn as the settling write, just before it.
         """
         if self._leases is None or self._leases.guard(task_id):
             return True
-        if self._bookmarks.asked(task_id):
+        self._lost(task_id)
+        return False
+
+    def _lost(self, task_id: str) -> None:
+        """Another run took the task over: if it was given to this run, it says so."""
+        if self._leases is not None and self._bookmarks.asked(task_id):
             known = self._leases.holders([task_id])
             state = known[0].state if known else None
             self._elsewhere(task_id, state, final=bool(known and known[0].final))
-        return False
 
     # -- queries ------------------------------------------------------------------------
 
@@ -678,15 +682,19 @@ class _Run:
             sidecar = build_sidecar(task, rows, folder)
             await self.archive.put_sidecar(PurePosixPath(folder), sidecar)
         problems = [r for r in rows if r.state != "done"]
-        if not self._holds(task_id):
-            return
         if not problems:
-            self.db.mark_archived(task_id)
+            # The lease is checked in the archived row's own transaction, on every state.
+            held = None if self._leases is None else functools.partial(self._leases.held, task_id)
+            if not self.db.mark_archived(task_id, held):
+                self._lost(task_id)
+                return
             # Settled here rather than in _outcome: whether it was open says whether this
             # run was given the task, in the statement that settles it.
             if not self._bookmarks.settled(task_id):
                 self.summary.from_queue += 1
             self._report(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
+            return
+        if not self._holds(task_id):
             return
         if not self._bookmarks.asked(task_id):
             self.summary.from_queue += 1

@@ -3,6 +3,7 @@ that lost its lease never settles the task over the new holder."""
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from conftest import (
 
 from fetcher.archive import Archive
 from fetcher.errors import ArchiveError
+from fetcher.intake import record_queued
 from fetcher.lease import Leases
 from fetcher.replica import Fault, Replica
 from fetcher.state import StateDB
@@ -92,6 +94,21 @@ def test_a_run_paused_past_its_lease_cannot_settle_over_the_new_holder(db: State
 
     assert not paused.guard("a")
     assert other.guard("a")
+
+
+def test_the_archived_row_is_written_only_under_a_held_lease(db: StateDB) -> None:
+    """The commit point checks the lease in its own transaction: the old holder's is refused."""
+    clock = Clock()
+    record_queued(db, ["a"])
+    paused, other = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
+    paused.claim(["a"])
+    clock.now += 30
+    other.claim(["a"])
+
+    assert not db.mark_archived("a", functools.partial(paused.held, "a"))
+    assert db.counts()["archived"] == 0
+    assert db.mark_archived("a", functools.partial(other.held, "a"))
+    assert db.counts()["archived"] == 1
 
 
 def test_a_lapsed_lease_nobody_took_is_still_its_runs(db: StateDB) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -218,10 +218,17 @@ class Records(ABC):
                 (task_id, index),
             )
 
-    def mark_archived(self, task_id: str) -> None:
-        """The commit point: only after every file is in place and the sidecar written."""
+    def mark_archived(self, task_id: str, held: Callable[[Step], bool] | None = None) -> bool:
+        """The commit point: only after every file is in place and the sidecar written.
+
+        With ``held``, only if it says, in the same transaction, that the run still
+        holds the task's lease (fetcher/lease.py); returns whether the row was written.
+        """
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
+        return True
 
     # -- reading ----------------------------------------------------------------------
 
