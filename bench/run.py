@@ -9,13 +9,17 @@ for wall time (perf_counter around the child), peak RSS (``os.wait4``'s
 ``ru_maxrss`` of the tool; see :func:`become_subreaper`) and requests (lines nginx
 added to its access logs). Two rows are yardsticks rather than rivals: curl making
 fetcher's queries as well as its downloads, in (a), and ``md5sum`` over (c)'s file,
-the hashing that curl does not do.
+the hashing that curl does not do. Row (h) archives (a)'s and (c)'s files into a
+bucket on moto's server over loopback, beside curl's download followed by ``rclone
+copy`` (``bench/bucket.py``); it runs only when named.
 
-    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f,i] [--out bench/out] [--quick]
+    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f,h,i] [--out bench/out] [--quick]
     python bench/run.py --profile --workloads a,b    # fetcher under py-spy instead
 
 Needs nginx, aria2c, curl and md5sum on PATH (``apt-get install -y nginx aria2 curl``)
-and is run with the Python that has fetcher installed. It installs nothing.
+and is run with the Python that has fetcher installed. It installs nothing. Row (h)
+also needs rclone (``apt-get install -y rclone``) and fetcher's ``test`` extra
+(aiobotocore, ``moto[server]``) in that Python.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import ctypes
 import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -43,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bucket
+import s3server
 from catalog import CatalogRow
 from catalog import measure as catalog_row
 from gallery import add_http as add_gallery_http
@@ -70,6 +77,9 @@ MD5SUM = "md5sum"
 C64 = "fetcher (64 MiB file)"
 #: (e) again, over an archive that has run over the list once: the cron case proper.
 RERUN = "fetcher (cron re-run)"
+#: In (h): curl's download to /dev/shm, then rclone's copy into the bucket; their walls summed.
+RCLONE = "rclone copy"
+CURL_RCLONE = "curl + rclone"
 
 
 # -- what is measured -------------------------------------------------------------------
@@ -108,6 +118,8 @@ class Measure:
     note: str = ""
     #: fetcher's ``already_archived`` from its --json summary; None for the other tools.
     already_archived: int | None = None
+    #: In (h): the requests moto's server logged; None where no bucket is involved.
+    store_requests: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +131,8 @@ class Tools:
     aria2c: str
     nginx: str
     md5sum: str
+    #: Only row (h) needs it.
+    rclone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +184,31 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "d": Workload("d", "re-run of (a) over the finished archive", 2000, 0, ("fetcher",)),
         "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher", RERUN)),
         "f": Workload("f", "100,000 new IDs, every one pending", 100_000, 0, ("fetcher",)),
+        bucket.ROW: Workload(bucket.ROW, "(a) and (c) into a bucket", 0, 0, ()),
     }
+
+
+def bucket_parts(quick: bool) -> list[Workload]:
+    """Row (h)'s two parts: (a)'s and (c)'s files archived into a bucket, each its own table."""
+    tools = ("fetcher", "curl", RCLONE, CURL_RCLONE)
+    parts = []
+    for key in ("a", "c"):
+        w = workloads(quick)[key]
+        title = f"{w.title}, into a bucket"
+        parts.append(dataclasses.replace(w, key=f"{bucket.ROW}-{key}", title=title, tools=tools))
+    return parts
+
+
+def tabled(quick: bool, keys: Sequence[str]) -> list[Workload]:
+    """The workloads that get a table: (h) stands for its two parts."""
+    all_w = workloads(quick)
+    out: list[Workload] = []
+    for key in keys:
+        if key == bucket.ROW:
+            out += bucket_parts(quick)
+        elif key in all_w:
+            out.append(all_w[key])
+    return out
 
 
 # -- prerequisites ----------------------------------------------------------------------
@@ -196,7 +234,17 @@ def find_tools() -> tuple[Tools | None, list[str]]:
     if missing or fetcher is None:
         return None, missing
     paths = [str(found[name]) for name in ("curl", "aria2c", "nginx", "md5sum")]
-    return Tools(fetcher, *paths), []
+    return Tools(fetcher, *paths, rclone=shutil.which("rclone", path=search)), []
+
+
+def missing_for_bucket(tools: Tools) -> list[str]:
+    """What row (h) needs beyond the rest: rclone, and aiobotocore and moto in this Python."""
+    missing = [] if tools.rclone else ["rclone (Debian package 'rclone')"]
+    if importlib.util.find_spec("aiobotocore") is None or not s3server.has_moto(sys.executable):
+        missing.append(
+            f"aiobotocore and moto[server] in {sys.executable} (pip install -e '.[test]')"
+        )
+    return missing
 
 
 def shm_needed(selected: Sequence[Workload]) -> int:
@@ -208,6 +256,8 @@ def shm_needed(selected: Sequence[Workload]) -> int:
             peak = max(peak, 3 * 600 * MiB)
         elif w.key == "f":  # 100,000 query answers of about 1.3 KB, and a run's archive
             peak = max(peak, 300 * MiB)
+        elif w.key == bucket.ROW:  # served, curl's copy, moto's parts and the object they make
+            peak = max(peak, 5 * workloads(False)["c"].file_size)
         else:  # only (a)'s files are distinct; (b) hard-links one file; (c) adds a 64 MiB twin
             data = w.total_bytes if w.key == "a" else w.file_size
             peak = max(peak, data + w.total_bytes + 128 * MiB + kept)
@@ -615,8 +665,13 @@ def command(bench: Bench, tool: str, name: str, outdir: Path) -> list[str]:
         return [*aria2c, "--allow-overwrite=true", "--auto-file-renaming=false", "-q"]
     if tool == MD5SUM:
         return [t.md5sum, str(bench.served[name].first_file)]
-    ids = str(lists / f"{name}.ids")
-    fetcher = [t.fetcher, "fetch", ids, "--archive", str(outdir), "--base-url", bench.api_url]
+    return fetcher_command(bench, name, str(outdir))
+
+
+def fetcher_command(bench: Bench, name: str, archive: str) -> list[str]:
+    """``fetcher fetch`` over list ``name`` into ``archive`` (a folder or an ``s3://`` URL)."""
+    ids = str(bench.lists_dir / f"{name}.ids")
+    fetcher = [bench.tools.fetcher, "fetch", ids, "--archive", archive, "--base-url", bench.api_url]
     return [*fetcher, "--api-key", API_KEY, *FETCHER_FLAGS, *FETCHER_OUTPUT]
 
 
@@ -640,11 +695,9 @@ def check_run(
     summary: dict[str, object] | None,
 ) -> str:
     """Empty when the run did what it should, else what went wrong."""
-    if child.timed_out:
-        return f"killed after {RUN_TIMEOUT:g} s"
-    if child.exit_code != 0:
-        tail = (log_dir / "stderr").read_text(encoding="utf-8", errors="replace")[-300:]
-        return f"exit {child.exit_code}: {tail.strip()}"
+    ended = check_exit(child, log_dir)
+    if ended:
+        return ended
     if tool in ("curl", "aria2c"):
         return check_files(outdir, w.tasks, w.total_bytes)
     if tool == CURL_QF:  # a query answer per task, beside the files
@@ -657,6 +710,16 @@ def check_run(
             return f"md5sum printed {said}, not {served.first_md5}"
         return ""
     return check_summary(w, tool, summary)
+
+
+def check_exit(child: Child, log_dir: Path) -> str:
+    """Empty when the child exited 0 in time, else how it ended and its stderr's tail."""
+    if child.timed_out:
+        return f"killed after {RUN_TIMEOUT:g} s"
+    if child.exit_code != 0:
+        tail = (log_dir / "stderr").read_text(encoding="utf-8", errors="replace")[-300:]
+        return f"exit {child.exit_code}: {tail.strip()}"
+    return ""
 
 
 def check_files(outdir: Path, count: int, size: int) -> str:
@@ -742,12 +805,17 @@ def measure(bench: Bench, logs: AccessLogs, w: Workload, tool: str, run: int) ->
         bench.d_base = bench.work / "d-base"
         outdir.rename(bench.d_base)
     shutil.rmtree(outdir, ignore_errors=True)
+    drop_log(bench, log_dir, note)
+    return result
+
+
+def drop_log(bench: Bench, log_dir: Path, note: str) -> None:
+    """A run's logs go, but a failed run's are kept in ``OUT/failed/``."""
     if note:
         keep = bench.out / "failed" / log_dir.name
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(log_dir, keep)
     shutil.rmtree(log_dir, ignore_errors=True)
-    return result
 
 
 def rotated(tools: Sequence[str], run: int) -> list[str]:
@@ -763,11 +831,15 @@ def describe(m: Measure) -> str:
     status = "ok" if m.ok else f"FAILED ({m.note})"
     return (
         f"  {m.workload} run {m.run + 1} {m.tool:<22} {m.wall:8.3f} s  {m.rss_kib / 1024:7.1f} MiB"
-        f"  requests {m.api_requests} API + {m.file_requests} files  {status}"
+        f"  requests {m.api_requests} API + {m.file_requests} files"
+        f"{'' if m.store_requests is None else f' + {m.store_requests} store'}  {status}"
     )
 
 
 def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None:
+    if w.key == bucket.ROW:
+        run_bucket(bench, logs, runs)
+        return
     say(f"({w.key}) {w.title}: building in {bench.work}")
     started = time.perf_counter()
     names: list[str] = []
@@ -910,13 +982,21 @@ def host() -> dict[str, str]:
     }
 
 
-def machine(tools: Tools) -> dict[str, str]:
+def machine(tools: Tools, bucketed: bool = False) -> dict[str, str]:
     return {
         **host(),
         "fetcher commit": fetcher_commit(),
         "nginx": tool_version([tools.nginx, "-v"], stderr=True).removeprefix("nginx version: "),
         "curl": tool_version([tools.curl, "--version"]),
         "aria2c": tool_version([tools.aria2c, "--version"]),
+        **(
+            {
+                "rclone": tool_version([tools.rclone, "version"]),
+                "moto": importlib.metadata.version("moto"),
+            }
+            if bucketed and tools.rclone
+            else {}
+        ),
         "load average at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
@@ -959,6 +1039,7 @@ class Row:
     ok: int
     total: int
     already_archived: int | None  # the fewest of its runs; None for tools other than fetcher
+    store: int | None = None  # requests the bucket's server logged, in (h)
 
     @property
     def mbps(self) -> float:
@@ -978,6 +1059,7 @@ def rows(results: list[Measure], w: Workload) -> dict[str, Row]:
             continue
         walls = [m.wall for m in good]
         settled = [m.already_archived for m in good if m.already_archived is not None]
+        stored = [m.store_requests for m in good if m.store_requests is not None]
         out[tool] = Row(
             tool,
             statistics.median(walls),
@@ -991,6 +1073,7 @@ def rows(results: list[Measure], w: Workload) -> dict[str, Row]:
             len(good),
             len(mine),
             min(settled) if settled else None,
+            max(stored) if stored else None,
         )
     return out
 
@@ -1000,19 +1083,22 @@ def ratio(a: float, b: float) -> str:
 
 
 def workload_table(w: Workload, table: dict[str, Row]) -> list[str]:
+    bucketed = any(r.store is not None for r in table.values())
+    requests = "requests API + files + store" if bucketed else "requests API + files"
     lines = [
         f"### ({w.key}) {w.title}",
         "",
         "| tool | wall s (median) | min-max s | MB/s | tasks/s | peak RSS MiB | "
-        "requests API + files | runs ok |",
+        f"{requests} | runs ok |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table.values():
         mbps = f"{r.mbps:.1f}" if r.bytes else "-"
         rate = f"{r.tasks_per_s:,.0f}" if r.tasks_per_s >= 10 else f"{r.tasks_per_s:.2f}"
+        sent = f"{r.api} + {r.files}" + (f" + {r.store or 0}" if bucketed else "")
         lines.append(
             f"| {r.tool} | {r.wall:.3f} | {r.wall_min:.3f}-{r.wall_max:.3f} | {mbps} | "
-            f"{rate} | {r.rss_mib:.1f} | {r.api} + {r.files} | {r.ok}/{r.total} |"
+            f"{rate} | {r.rss_mib:.1f} | {sent} | {r.ok}/{r.total} |"
         )
     fetcher = table.get("fetcher")
     pairs = [(other, r) for other, r in table.items() if not other.startswith("fetcher")]
@@ -1101,6 +1187,9 @@ def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[
     add("e", "cron re-run wall <= 10 s", wall("e", RERUN), 10.0, "s")
     add("e", "cron re-run peak RSS <= 100 MiB", rss("e", RERUN), 100.0, "MiB")
     add("f", "fetcher peak RSS <= 100 MiB (first run)", rss("f", "fetcher"), 100.0, "MiB")
+    for key in ("h-a", "h-c"):
+        goal = "fetcher wall <= curl's + rclone's"
+        add(key, goal, wall(key, "fetcher"), wall(key, CURL_RCLONE), "s")
     if help_wall is not None:
         met = help_wall < 0.3
         out.append(Target("help", "fetcher --help < 0.3 s", f"{help_wall:.3f} s", "0.3 s", met))
@@ -1108,8 +1197,7 @@ def targets(tables: dict[str, dict[str, Row]], help_wall: float | None) -> list[
 
 
 def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
-    all_w = workloads(bench.args.quick)
-    selected = [all_w[k] for k in bench.args.workloads if k in all_w]
+    selected = tabled(bench.args.quick, bench.args.workloads)
     tables = {w.key: rows(bench.results, w) for w in selected}
     help_wall = statistics.median(help_walls) if help_walls else None
     lines = [
@@ -1135,11 +1223,18 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
         f"aria2c: `aria2c -i URLS -j {PARALLEL} -d DIR --allow-overwrite=true "
         "--auto-file-renaming=false -q`  ",
         "md5sum, in (c): `md5sum FILE` (the file nginx serves, read where it lies in /dev/shm)",
+        *(bucket_commands() if bucket.ROW in bench.args.workloads else []),
         "",
         "MB = 10^6 bytes. Requests are the lines nginx's access logs gained during the run "
         "(API + files). Peak RSS is the tool's own `ru_maxrss` from `wait4` (forked by a "
         "small `sh`, so it does not inherit the harness's RSS). MB/s and tasks/s are "
-        "bytes and tasks over the median wall.",
+        "bytes and tasks over the median wall."
+        + (
+            " In (h) the store's requests are the lines moto's server logged, and curl + "
+            "rclone's wall is the sum of the two, its peak RSS the larger."
+            if bucket.ROW in bench.args.workloads
+            else ""
+        ),
         "",
         *([f"**Note:** {bench.args.note}", ""] if bench.args.note else []),
         "## Targets",
@@ -1170,6 +1265,19 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bucket_commands() -> list[str]:
+    """How (h) runs fetcher and rclone, for the report's header (no key in it)."""
+    rclone = " ".join(bucket.copy_argv("rclone", Path("DIR"), "PREFIX", PARALLEL))
+    return [
+        "  ",
+        f"fetcher, in (h): `fetcher fetch IDS --archive s3://{bucket.BUCKET}/PREFIX "
+        "--s3-endpoint URL --state FILE` and the flags above, keys in `AWS_*`  ",
+        f"curl + rclone, in (h): curl as above into DIR, then `{rclone}`, the remote "
+        f"defined by `RCLONE_CONFIG_{bucket.REMOTE.upper()}_*` (type s3, provider Other, "
+        "the endpoint, path style)",
+    ]
+
+
 # -- (i): the catalog ---------------------------------------------------------------------
 
 
@@ -1182,6 +1290,118 @@ def measure_catalog(bench: Bench) -> CatalogRow:
     for name in row.timings:
         say(f"  {name}: {row.median(name) * 1000:.1f} ms")
     return row
+
+
+# -- (h): into a bucket -----------------------------------------------------------------
+
+
+def run_bucket(bench: Bench, logs: AccessLogs, runs: int) -> None:
+    """Row (h): each part's files built and served, then fetcher and curl + rclone in turn."""
+    assert bench.tools.rclone is not None  # preflight checked it
+    say(f"({bucket.ROW}) starting moto's server")
+    log = bench.out / "s3server.log"
+    store = bucket.start(sys.executable, bench.tools.rclone, bench.env, bench.work, log)
+    try:
+        say(f"  moto at {store.url}")
+        for w in bucket_parts(bench.args.quick):
+            say(f"({w.key}) {w.title}: building in {bench.work}")
+            base = workloads(bench.args.quick)[w.key[-1]]  # (a)'s or (c)'s kind of file
+            build_tasks(
+                bench, base, w.key, build_files(bench, base, w.key, distinct=base.key == "a")
+            )
+            for run in range(runs):
+                for tool in rotated(("fetcher", CURL_RCLONE), run):
+                    measured = (
+                        [measure_bucket_fetcher(bench, logs, store, w, run)]
+                        if tool == "fetcher"
+                        else measure_curl_rclone(bench, logs, store, w, run)
+                    )
+                    for m in measured:
+                        bench.results.append(m)
+                        say(describe(m))
+            drop_download(bench, [w.key])
+    finally:
+        store.stop()
+
+
+def check_stored(store: bucket.Store, w: Workload, prefix: str) -> str:
+    """Empty when the bucket holds every file of ``w`` under ``prefix``, else what it holds."""
+    count, size = store.media(prefix)
+    if (count, size) != (w.tasks, w.total_bytes):
+        return f"the bucket holds {count} files / {size} bytes, wanted {w.tasks} / {w.total_bytes}"
+    return ""
+
+
+def measure_bucket_fetcher(
+    bench: Bench, logs: AccessLogs, store: bucket.Store, w: Workload, run: int
+) -> Measure:
+    """fetcher archiving list ``w.key`` into a fresh prefix; its state and work folder in RAM."""
+    prefix = f"{w.key}-fetcher-{run}"
+    local = bench.work / "runs" / prefix
+    log_dir = bench.work / "runs" / f"{prefix}.log"
+    log_dir.mkdir(parents=True)
+    local.mkdir()
+    since = store.fresh()
+    logs.mark()
+    argv = fetcher_command(bench, w.key, f"s3://{bucket.BUCKET}/{prefix}")
+    argv += ["--s3-endpoint", store.url, "--state", str(local / "state.sqlite")]
+    child = run_child(argv, store.fetcher_env, log_dir, RUN_TIMEOUT)
+    sent = store.requests(since)  # before the check, whose listing is not the tool's
+    api, files = logs.added()
+    summary = fetcher_summary(log_dir)
+    note = check_run(w, "fetcher", child, log_dir, local, served=None, summary=summary)
+    note = note or check_stored(store, w, prefix)
+    if any(line.endswith(" auth") for line in files):
+        note = (note + "; " if note else "") + "the file host was sent an Authorization header"
+    result = Measure(
+        w.key, "fetcher", run, child.wall, child.rss_kib, child.exit_code, len(api), len(files),
+        w.total_bytes, w.tasks, not note, note, store_requests=sent,
+    )  # fmt: skip
+    shutil.rmtree(local, ignore_errors=True)
+    drop_log(bench, log_dir, note)
+    return result
+
+
+def measure_curl_rclone(
+    bench: Bench, logs: AccessLogs, store: bucket.Store, w: Workload, run: int
+) -> list[Measure]:
+    """curl's download into /dev/shm, then ``rclone copy`` of that folder: each, and the two."""
+    prefix = f"{w.key}-rclone-{run}"
+    outdir = bench.work / "runs" / f"{w.key}-curl-{run}"
+    log_dir = bench.work / "runs" / f"{prefix}.log"
+    (log_dir / "curl").mkdir(parents=True)
+    (log_dir / "rclone").mkdir()
+    outdir.mkdir()
+    since = store.fresh()
+    logs.mark()
+    argv = command(bench, "curl", w.key, outdir)
+    curl = run_child(argv, bench.env, log_dir / "curl", RUN_TIMEOUT)
+    _, files = logs.added()
+    curl_note = check_run(w, "curl", curl, log_dir / "curl", outdir, served=None, summary=None)
+    if any(line.endswith(" auth") for line in files):
+        curl_note = (curl_note + "; " if curl_note else "") + "the file host was sent a key"
+    argv = bucket.copy_argv(store.rclone, outdir, prefix, PARALLEL)
+    rclone = run_child(argv, store.rclone_env, log_dir / "rclone", RUN_TIMEOUT)
+    sent = store.requests(since)
+    rclone_note = "curl failed" if curl_note else check_exit(rclone, log_dir / "rclone")
+    rclone_note = rclone_note or check_stored(store, w, prefix)
+    common = (w.total_bytes, w.tasks)
+    out = [
+        Measure(w.key, "curl", run, curl.wall, curl.rss_kib, curl.exit_code, 0, len(files),
+                *common, not curl_note, curl_note),
+        Measure(w.key, RCLONE, run, rclone.wall, rclone.rss_kib, rclone.exit_code, 0, 0,
+                *common, not rclone_note, rclone_note, store_requests=sent),
+    ]  # fmt: skip
+    both = "; ".join(n for n in (curl_note, rclone_note) if n)
+    pair = Measure(
+        w.key, CURL_RCLONE, run, curl.wall + rclone.wall, max(curl.rss_kib, rclone.rss_kib),
+        curl.exit_code or rclone.exit_code, 0, len(files), *common, not both, both,
+        store_requests=sent,
+    )  # fmt: skip
+    out.append(pair)
+    shutil.rmtree(outdir, ignore_errors=True)
+    drop_log(bench, log_dir, both)
+    return out
 
 
 # -- main -------------------------------------------------------------------------------
@@ -1204,7 +1424,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workloads",
         default="a,b,c,d,e,f,i",
         type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
-        help="comma-separated subset of a,b,c,d,e,f,i",
+        help="comma-separated subset of a,b,c,d,e,f,h,i (h, the bucket, only when named)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="report folder")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, (c) 256 MiB")
@@ -1217,9 +1437,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and summarise where its samples go (OUT/profile-W.txt and .md)",
     )
     args = parser.parse_args(argv)
-    unknown = [k for k in args.workloads if k not in "abcdef" + CATALOG or len(k) != 1]
+    known = "abcdef" + bucket.ROW + CATALOG
+    unknown = [k for k in args.workloads if k not in known or len(k) != 1]
     if unknown or not args.workloads:
-        parser.error(f"unknown workloads {unknown}: choose from a,b,c,d,e,f,{CATALOG}")
+        parser.error(f"unknown workloads {unknown}: choose from {','.join(known)}")
     args.workloads = sorted(set(args.workloads))
     args.runs = args.runs or (1 if args.quick or args.profile else 5)
     return args
@@ -1227,6 +1448,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def preflight(args: argparse.Namespace) -> Tools:
     tools, missing = find_tools()
+    if tools is not None and bucket.ROW in args.workloads:
+        missing = missing_for_bucket(tools)
+        tools = None if missing else tools
     if tools is None:
         say("bench: missing, install and run again:")
         for item in missing:
@@ -1278,7 +1502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = session.bench
     started = time.perf_counter()
     try:
-        info = machine(tools)
+        info = machine(tools, bucket.ROW in args.workloads)
         session.nginx = start_nginx(bench)
         say(f"bench: nginx API {bench.api_url}, files {bench.files_url}; work in {bench.work}")
         logs = AccessLogs(bench.out)

@@ -29,8 +29,8 @@ SECRET_KEY = "bench-secret-not-a-secret"  # noqa: S105 (moto checks no signature
 REGION = "us-east-1"
 INSTALL_LINE = "pip install 'moto[server]'"
 START_TIMEOUT = 60.0
-#: werkzeug's request line: ``"PUT /bucket/key HTTP/1.1" 200 -``.
-_REQUEST = re.compile(rb'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) ')
+#: werkzeug's request line: ``"PUT /bucket/key HTTP/1.1" 200 -``; a 4xx's in colour.
+_REQUEST = re.compile(rb'"(?:\x1b\[[0-9;]*m)?([A-Z]+) (\S+) HTTP/[0-9.]+(?:\x1b\[0m)?" (\d{3}) ')
 
 
 @dataclass
@@ -58,9 +58,15 @@ def has_moto(python: str) -> bool:
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0  # noqa: S603
 
 
-def start(python: str, log: Path) -> S3Server:
-    """Start moto under ``python`` on 127.0.0.1, port 0; returns once it answers."""
+def start(python: str, log: Path, tmp: Path | None = None) -> S3Server:
+    """Start moto under ``python`` on 127.0.0.1, port 0; returns once it answers.
+
+    moto spools an object over 5 MiB to a temporary file: in ``tmp`` if given (a
+    tmpfs, so no disk is measured), else in the system's temporary folder.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     handle = log.open("wb")
     process = subprocess.Popen(  # noqa: S603
         [python, str(Path(__file__).resolve())],
