@@ -100,7 +100,12 @@ class StatusReport:
                 f"run {run['run_id']} on {run['host']} (pid {run['pid']}), since "
                 f"{run['started_at']}, holding {run['lease_count']} tasks:",
                 [
-                    f"{lease['task_id']}  lease for {max(lease['expires_in_seconds'], 0)} s"
+                    f"{lease['task_id']}  "
+                    + (
+                        f"lease for {lease['expires_in_seconds']} s"
+                        if lease["expires_in_seconds"] > 0
+                        else "lease lapsed"
+                    )
                     for lease in run["leases"]
                 ],
                 run["lease_count"] - len(run["leases"]),
