@@ -90,6 +90,18 @@ def page(browser: Browser, tmp_path: Path) -> Iterator[Page]:
     assert errors == []  # no script error, nothing the policy had to block
 
 
+def play(page: Page) -> None:
+    """Play the task page's video, muted; returns once it decodes and its time runs."""
+    video = page.locator("main.task video")
+    video.evaluate("(v) => { v.muted = true; return v.play(); }")
+    page.wait_for_function(
+        "() => { const v = document.querySelector('main.task video'); "
+        "return v.readyState >= 2 && v.currentTime > 0.3; }",
+        timeout=15000,
+    )
+    assert video.evaluate("(v) => v.error") is None
+
+
 def test_grid_loads_and_scrolls_for_more(page: Page, url: str, tmp_path: Path) -> None:
     """The server sends four tiles; scrolling brings the rest through the cards API's cursor."""
     asked: list[str] = []
@@ -134,15 +146,8 @@ def test_video_plays_on_its_task_page(page: Page, url: str, tmp_path: Path) -> N
     page.goto(url)
     page.locator(f'a[data-task="{VIDEO}"]').click()
     page.wait_for_url(re.compile(VIDEO))
-    video = page.locator("main.task video")
-    expect(video).to_have_attribute("preload", "metadata")
-    video.evaluate("(v) => { v.muted = true; return v.play(); }")
-    page.wait_for_function(
-        "() => { const v = document.querySelector('main.task video'); "
-        "return v.readyState >= 2 && v.currentTime > 0.3; }",
-        timeout=15000,
-    )
-    assert video.evaluate("(v) => v.error") is None
+    expect(page.locator("main.task video")).to_have_attribute("preload", "metadata")
+    play(page)
     page.screenshot(path=tmp_path / "video.png")
 
 

@@ -8,6 +8,7 @@ at start stops ``serve`` with one line, one that fails a request later answers 5
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -31,6 +33,7 @@ from gallery_world import (
     running,
 )
 from test_gallery import TOKEN, get, page
+from test_gallery_browser import chromium, play
 
 from fetcher.config import Settings
 from fetcher.gallery import GalleryOptions
@@ -122,7 +125,8 @@ def test_a_bucket_grid_starts_from_the_snapshot(shelf: Shelf, url: str) -> None:
 
 def test_a_bucket_video_is_streamed_in_ranges(shelf: Shelf, url: str) -> None:
     """Range goes to the store and back: 206 with Content-Range and Content-Length, the
-    object's type, a suffix range, the whole file, and 416 past the end; never a redirect."""
+    object's type, a suffix range, the whole file, 416 past the end, a HEAD; never a
+    redirect."""
     whole = sample_video()
     shelf.proxy.clear()
     status, headers, body = get(url, f"/file/{VIDEO}/0", {"Range": "bytes=100-199"})
@@ -142,6 +146,15 @@ def test_a_bucket_video_is_streamed_in_ranges(shelf: Shelf, url: str) -> None:
     assert headers["Content-Range"] == f"bytes */{len(whole)}"
     gets = [path for method, path in shelf.proxy.requests() if method == "GET"]
     assert gets and all(f"/{shelf.bucket}/{PREFIX}/" in path for path in gets)
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request("HEAD", f"/file/{VIDEO}/0")
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (200, b"")
+        assert answer.headers["Content-Length"] == str(len(whole))
+    finally:
+        connection.close()
 
 
 def test_a_bucket_task_page_shows_its_files_and_sidecar(shelf: Shelf, url: str) -> None:
@@ -223,6 +236,33 @@ def test_a_store_failing_later_answers_502_without_the_secret(shelf: Shelf, url:
     assert status == 502 and b"InvalidAccessKeyId" in body
     assert SECRET.encode() not in body
     assert get(url, target)[0] == 200
+
+
+def test_a_bucket_task_page_plays_its_video_in_a_browser(
+    shelf: Shelf, url: str, tmp_path: Path
+) -> None:
+    """In headless chromium the bucket's grid draws its thumbnails, and a video's task page
+    plays the clip streamed from the store in ranges; the page's policy blocks nothing."""
+    blocked: list[str] = []
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1200, "height": 800})
+        try:
+            tab = context.new_page()
+            tab.on("pageerror", lambda exc: blocked.append(str(exc)))
+            tab.on(
+                "console",
+                lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+            )
+            tab.goto(url)
+            tab.wait_for_function(
+                "() => Array.from(document.images).every(i => i.complete && i.naturalWidth)"
+            )
+            tab.goto(url + "task/" + VIDEO)
+            play(tab)
+            tab.screenshot(path=tmp_path / "bucket-video.png")
+        finally:
+            context.close()
+    assert blocked == []
 
 
 # -- the commands -----------------------------------------------------------------------
