@@ -352,3 +352,28 @@ def test_serve_on_a_bucket_with_a_token(shelf: Shelf) -> None:
         out, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert SECRET not in out + err and TOKEN not in out + err
+
+
+@pytest.mark.parametrize("command", ["serve", "search"])
+def test_a_bucket_without_the_s3_extra_is_one_line(command: str, tmp_path: Path) -> None:
+    """Without aiobotocore installed, serve and search on a bucket say what to install."""
+    code = (
+        "import sys\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('aiobotocore', 'botocore'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        "from fetcher.cli import main\n"
+        f"sys.exit(main([{command!r}, '--archive', 's3://some-bucket/arch']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fetcher: error: archiving into s3://some-bucket/arch needs aiobotocore:"
+        " pip install 'fetcher[s3]'"
+    ]

@@ -15,7 +15,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, add_image_task, add_video_task, run, run_cli, task_id
+from conftest import (
+    ROOT,
+    add_image_task,
+    add_video_task,
+    process_env,
+    run,
+    run_cli,
+    task_id,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,16 +260,14 @@ def test_an_archive_from_before_search_is_indexed_once(
         assert len(catalog.find(Query(text="Kling 2.1")).cards) == 1
 
 
-def _search_on_a_terminal(archive: Path, *args: str) -> tuple[int, str, str]:
-    """``fetcher search`` with its stderr on a pseudo-terminal: exit code, stdout, terminal."""
+def _on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """``fetcher ARGS`` with its stderr on a pseudo-terminal: exit code, stdout, terminal."""
     leader, follower = pty.openpty()
     # 24 rows of 100 columns, as a terminal window has (a new pty has none: no room for a bar)
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-    env["XDG_CONFIG_HOME"] = str(archive.parent / "no-config")
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fetcher", "search", "--archive", str(archive), *args],
+            [sys.executable, "-m", "fetcher", *args],
             stdout=subprocess.PIPE,
             stderr=follower,
             env=env,
@@ -298,15 +304,38 @@ def test_search_on_an_old_archive_shows_a_bar_on_a_terminal_but_not_with_json(
     run(settings, *ids)
     db_path = settings.archive / ".fetcher" / "state.sqlite"
     _as_schema_3(db_path)
-    code, out, terminal = _search_on_a_terminal(settings.archive, "otter")
+    env = process_env(replica, settings.archive, settings.archive.parent)
+    code, out, terminal = _on_a_terminal(env, "search", "otter")
     assert code == 0, terminal
     assert "indexing for search" in terminal and "3/3" in terminal
     assert len(out.splitlines()) == 3
     _as_schema_3(db_path)
-    code, out, terminal = _search_on_a_terminal(settings.archive, "otter", "--json")
+    code, out, terminal = _on_a_terminal(env, "search", "otter", "--json")
     assert code == 0, terminal
     assert terminal == ""
     assert {json.loads(line)["task_id"] for line in out.splitlines()} == set(ids)
+    with reading(settings.archive) as catalog:
+        assert catalog.indexed_whole()
+
+
+def test_a_fetch_on_an_old_archive_shows_the_index_bar_on_a_terminal_but_not_with_q(
+    replica: Replica, settings: Settings
+) -> None:
+    """The fetch that indexes an old archive first draws that bar on a terminal; with -q
+    the terminal shows nothing (all went well)."""
+    ids = [task_id(n) for n in range(3)]
+    for tid in ids:
+        add_image_task(replica, tid, prompt="a heron")
+    run(settings, *ids)
+    db_path = settings.archive / ".fetcher" / "state.sqlite"
+    env = process_env(replica, settings.archive, settings.archive.parent)
+    _as_schema_3(db_path)
+    code, _, terminal = _on_a_terminal(env, "fetch", "--pending")
+    assert code == 0, terminal
+    assert "indexing for search" in terminal and "3/3" in terminal
+    _as_schema_3(db_path)
+    code, out, terminal = _on_a_terminal(env, "fetch", "--pending", "-q")
+    assert (code, out, terminal) == (0, "", "")
     with reading(settings.archive) as catalog:
         assert catalog.indexed_whole()
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from aiohttp import web
 
-from ...stores import BucketUrl
+from ...stores import BucketUrl, open_store
 
 if TYPE_CHECKING:
     from ...catalog import CardFile
@@ -78,9 +78,12 @@ def file_headers(content_type: str | None, name: str) -> dict[str, str]:
 def open_source(archive: Path | BucketUrl, settings: Settings | None) -> FileSource:
     """The source an ``archive`` setting names; a bucket's library is imported only here."""
     if isinstance(archive, BucketUrl):
+        store = open_store(archive, settings)  # a usage error when aiobotocore is missing
+        from ...stores.s3 import S3Store
         from .bucket import BucketSource
 
-        return BucketSource(archive, settings)
+        assert isinstance(store, S3Store)
+        return BucketSource(store)
     from .folder import FolderSource
 
     return FolderSource(archive)

@@ -33,14 +33,14 @@ from botocore.exceptions import HTTPClientError
 from ...archive import SIDECAR_NAME
 from ...durable import make_folders
 from ...errors import ArchiveError, StoreRefused, UsageError
-from ...stores import BucketUrl, open_store
+from ...stores import BucketUrl
+from ...stores.s3 import Expected, S3Store, state_path
 from ..guard import Outside, visible_parts
 from ..thumbs import NotAPicture, Thumbnails, make_thumbnail
 from . import SIDECAR_HEADERS, file_headers
 
 if TYPE_CHECKING:
     from ...catalog import CardFile
-    from ...config import Settings
     from ..reader import Reader
 
 #: Bytes copied to the browser at a time.
@@ -58,8 +58,6 @@ _log = logging.getLogger("fetcher")
 def thumbs_folder(url: BucketUrl) -> Path:
     """Where a bucket's thumbnails are kept: the user cache dir, one folder per bucket and
     prefix, named as its state file is."""
-    from ...stores.s3 import state_path
-
     cache = Path(os.path.realpath(platformdirs.user_cache_dir("fetcher")))
     return cache / "thumbs" / state_path(url).stem
 
@@ -67,18 +65,13 @@ def thumbs_folder(url: BucketUrl) -> Path:
 class BucketSource:
     """The :class:`~fetcher.gallery.sources.FileSource` of an archive in a bucket."""
 
-    def __init__(self, url: BucketUrl, settings: Settings | None) -> None:
-        store = open_store(url, settings)  # a usage error when aiobotocore is missing
-        from ...stores.s3 import Expected, S3Store
-
-        assert isinstance(store, S3Store)
-        self._expected = Expected
-        self.url = url
+    def __init__(self, store: S3Store) -> None:
+        self.url = store.url
         self.name = store.name
         self.db_path = store.db_path
         self._store = store
         self._bucket = store.bucket
-        self._thumbs = Thumbnails(thumbs_folder(url))
+        self._thumbs = Thumbnails(thumbs_folder(store.url))
 
     async def __aenter__(self) -> Self:
         try:
@@ -124,7 +117,7 @@ class BucketSource:
             params["Range"] = wanted
         try:
             answer = await self._bucket.request("get_object", expect=(404, 416), **params)
-        except self._expected as exc:
+        except Expected as exc:
             if exc.status == 416:
                 return await self._unsatisfiable(key)
             raise Outside(key) from None
@@ -163,7 +156,7 @@ class BucketSource:
             )
             async with answer["Body"] as body:
                 data: bytes = await body.read()
-        except (Outside, self._expected, ArchiveError, StoreRefused, *_BROKEN):
+        except (Outside, Expected, ArchiveError, StoreRefused, *_BROKEN):
             return None  # the page is still shown, without the sidecar
         return None if len(data) > limit else data.decode("utf-8", errors="replace")
 
