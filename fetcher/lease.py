@@ -133,6 +133,8 @@ class Leases:
         a step is a transaction of its own, so the archived row is checked inside
         its own step instead (:meth:`held`).
         """
+        if self._exclusive:
+            return True  # no other run is running to take it over: nothing to check
         with self._db.atomic() as step:
             return self.held(task_id, step)
 
@@ -143,6 +145,8 @@ class Leases:
         ends: on SQLite the database's write lock, on PostgreSQL the row's. A lease
         that lapsed but that no run took over is still this run's: nobody else holds it.
         """
+        if self._exclusive:
+            return True
         row = step.execute(
             "UPDATE leases SET expires_at = expires_at WHERE task_id = ? AND run_id = ? "
             "RETURNING task_id",
