@@ -18,6 +18,8 @@ that task's outcome, so the rest of the run goes on::
     │                                          no such bucket, a denied write
     ├── LockedError                   exit 75  another run holds the archive
     ├── ArchiveError                  exit 3   the archive or its state cannot be written
+    │   └── StoreFailing              exit 3   the bucket's store still failing after the
+    │                                          retries, or its quota full
     ├── InternalError                 exit 70  a bug stopped the run
     └── TaskError                     (per task: recorded, run goes on)
         ├── QueryError                the API could not be queried
@@ -140,6 +142,10 @@ class ArchiveError(FetcherError):
 
     exit_code = EXIT_STOPPED
     code = "archive"
+
+
+class StoreFailing(ArchiveError):
+    """The bucket's store kept failing (5xx, throttling, dropped) after the retries, or is full."""
 
 
 class InternalError(FetcherError):

@@ -46,7 +46,10 @@ from .errors import (
     FileGone,
     Forbidden,
     InternalError,
+    LockedError,
     NoQueryPath,
+    StoreFailing,
+    StoreRefused,
     TaskBug,
     TaskError,
     Unreachable,
@@ -171,6 +174,8 @@ async def _locked_run(
     stop: asyncio.Event | None,
 ) -> RunSummary:
     """The run under the archive's lock; its state handed to the store once closed."""
+    # One event for a signal and for a store whose lock was lost: either winds the run down.
+    stop = stop if stop is not None else asyncio.Event()
     waiting = functools.partial(
         progress.message, f"waiting for another run's lock on {archive.name}"
     )
@@ -179,16 +184,41 @@ async def _locked_run(
             summary.interrupted = True
             return summary
         await archive.clean()
-        with StateDB(archive.db_path) as db:
-            # Once, for an archive recorded before search existed: its own commits.
-            if await build_index_async(db, progress, stop):
-                with db.grouped(asyncio.get_running_loop()):
-                    run = _Run(settings, options, progress, archive, db, layout, summary)
-                    await run.execute(sources, stop)
-            else:
-                summary.interrupted = True
+        try:
+            with StateDB(archive.db_path) as db:
+                # Once, for an archive recorded before search existed: its own commits.
+                if await build_index_async(db, progress, stop):
+                    with db.grouped(asyncio.get_running_loop()):
+                        run = _Run(settings, options, progress, archive, db, layout, summary)
+                        await run.execute(sources, stop)
+                else:
+                    summary.interrupted = True
+        except FetcherError as exc:
+            await _keep_state(archive, exc)
+            raise
         await archive.committed()
     return summary
+
+
+#: Errors after which the state is not handed to the store: the store itself failed, or
+#: the lock went to another run, whose state it is now.
+_STATE_NOT_KEPT = (StoreRefused, StoreFailing, LockedError)
+
+
+async def _keep_state(archive: ArchiveStore, failure: FetcherError) -> None:
+    """After an error under the lock, the store keeps the state as the run left it.
+
+    Every row the run committed stands, so a bucket's snapshot of it is as good as
+    after a run that ended well; without it, a host starting from the bucket would
+    download again what this run archived. The error that stopped the run is what
+    is reported, so this one's own failure is only logged.
+    """
+    if isinstance(failure, _STATE_NOT_KEPT):
+        return
+    try:
+        await archive.committed()
+    except FetcherError as exc:
+        _log.warning("the state was not copied to %s: %s", archive.name, exc)
 
 
 class _Run:

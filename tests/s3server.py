@@ -7,7 +7,9 @@ its own port 0, forwards every request to moto byte for byte, records
 ``(method, path, query)`` of each, and answers instead of moto when a
 :class:`Fault` matches: a status with an S3 error body (503 SlowDown, 500, 403
 AccessDenied or InvalidAccessKeyId, a quota), or a connection dropped before any
-answer.
+answer. It can also make an object look older than it is (moto stamps every
+write with its own clock, which no client can set): the ``Last-Modified`` of
+answers on a path in :attr:`StoreProxy.aged` is moved that many seconds back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Self
 
@@ -113,6 +117,8 @@ class StoreProxy:
     most_parts: int = 0
     #: Set when a held request arrives.
     holding: threading.Event = field(default_factory=threading.Event)
+    #: Path substring -> seconds: answers there say the object was last modified that long ago.
+    aged: dict[str, float] = field(default_factory=dict)
     _parts: int = 0
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
@@ -209,11 +215,20 @@ class StoreProxy:
             if fault is not None and fault.hold == "after":
                 return await self._hold()
             out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
+            self._age(request.path_qs, out)
             if request.method == "HEAD":
                 # No body, but the object's length: verify compares it with the state.
                 out["Content-Length"] = answer.headers.get("Content-Length", "0")
                 return web.Response(status=answer.status, headers=out)
             return web.Response(status=answer.status, headers=out, body=data)
+
+    def _age(self, target: str, headers: dict[str, str]) -> None:
+        seconds = next((s for path, s in self.aged.items() if path in target), None)
+        if seconds is not None and "Last-Modified" in headers:
+            modified = parsedate_to_datetime(headers["Last-Modified"])
+            headers["Last-Modified"] = format_datetime(
+                modified - timedelta(seconds=seconds), usegmt=True
+            )
 
 
 def aws_credentials(folder: Path) -> dict[str, str]:

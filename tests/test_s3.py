@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from fetcher.config import Settings
-from fetcher.errors import UsageError
+from fetcher.errors import AuthError, UsageError
 from fetcher.layout import Layout, LayoutFields
+from fetcher.replica import Fault as ReplicaFault
 from fetcher.replica import Replica
 from fetcher.stores import BucketUrl
 from fetcher.summary import Outcome
@@ -61,9 +64,9 @@ class World:
                 found[item["Key"]] = body.read()
         return found
 
-    def cli(self, *args: str, state: Path | None = None, **popen: Any) -> subprocess.Popen[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
-        env.update(
+    def cli_env(self, state: Path | None = None) -> dict[str, str]:
+        """What a command run on this world reads from its environment."""
+        return dict(
             self.env,
             FETCHER_BASE_URL=self.replica.api_url,
             FETCHER_API_KEY=self.replica.api_key,
@@ -74,6 +77,10 @@ class World:
             XDG_CONFIG_HOME=str(self.tmp / "no-config"),
             XDG_DATA_HOME=str(self.tmp / "data"),
         )
+
+    def cli(self, *args: str, state: Path | None = None, **popen: Any) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")}
+        env.update(self.cli_env(state))
         return subprocess.Popen(
             [sys.executable, "-m", "fetcher", *args],
             env=env,
@@ -245,6 +252,57 @@ def test_a_fresh_host_starts_from_the_snapshot(world: World, tmp_path: Path) -> 
     assert json.loads(status.stdout)["counts"]["archived"] == 3
 
 
+def snapshot_counts(world: World, host: str) -> dict[str, int]:
+    """The task counts a host with no state of its own reads from the bucket's snapshot."""
+    status = world.run_cli("status", "--json", state=world.tmp / host / "state.sqlite")
+    assert status.returncode == 0, status.stderr
+    counts: dict[str, int] = json.loads(status.stdout)["counts"]
+    return counts
+
+
+def test_a_run_stopped_by_an_error_still_stores_its_snapshot(world: World) -> None:
+    """The key refused after one task was archived: the bucket's snapshot records that task."""
+    done, refused = task_id(25), task_id(26)
+    add_image_task(world.replica, done)
+    add_image_task(world.replica, refused)
+    # Late enough that the first task is archived before the refusal stops the run.
+    world.replica.fault("api", refused, ReplicaFault(status=401, delay=2.0))
+
+    with pytest.raises(AuthError):
+        run(tweak(world.settings, concurrency=1), done, refused)
+
+    assert "arch/.fetcher/state.sqlite" in object_paths(world)
+    assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_an_interrupted_run_stores_its_snapshot(world: World) -> None:
+    """SIGTERM while a file is going up: what was archived before is in the snapshot."""
+    done, held = task_id(27), task_id(28)
+    add_image_task(world.replica, done)
+    add_image_task(world.replica, held)
+    assert world.run_cli("fetch", "--id", done).returncode == 0
+    # Gone, so only the interrupted run can have stored the one read below.
+    world.client.delete_object(Bucket=world.bucket, Key="arch/.fetcher/state.sqlite")
+    world.proxy.faults.append(Fault("PUT", f"{held}/00.png", hold="before"))
+    second = world.cli("fetch", "--id", held)
+    assert world.proxy.holding.wait(30)
+    second.send_signal(signal.SIGTERM)
+    _, err = second.communicate(timeout=60)
+
+    assert second.returncode == 143, err
+    assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_a_failing_store_is_not_sent_the_snapshot(world: World) -> None:
+    """When the store is what stopped the run, the run does not try it once more."""
+    add_image_task(world.replica, task_id(29))
+    world.proxy.faults.append(Fault("PUT", "/00.png", 503, "SlowDown", times=100))
+    result = world.run_cli("fetch", "--id", task_id(29), "--retries", "1")
+    assert result.returncode == 3, result.stderr
+    snapshot = [(m, p) for m, p in world.proxy.requests() if p.endswith("/.fetcher/state.sqlite")]
+    assert [(m, p) for m, p in snapshot if m != "GET"] == []  # only the restore's look
+
+
 # -- the store's trouble ----------------------------------------------------------------
 
 
@@ -391,6 +449,87 @@ def test_a_lock_naming_a_dead_process_here_is_taken_over(world: World) -> None:
 
     assert again.returncode == 0, again.stderr
     assert "arch/.fetcher/lock" not in object_paths(world)
+
+
+LOCK = "arch/.fetcher/lock"
+
+
+def plant_lock(world: World, host: str, pid: int) -> None:
+    """A lock object as another run writes it."""
+    document = {"host": host, "pid": pid, "renewed": "2026-01-01T00:00:00+00:00"}
+    world.client.put_object(Bucket=world.bucket, Key=LOCK, Body=json.dumps(document).encode())
+
+
+def gone_pid() -> int:
+    """The PID of a process that has exited."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    return int(child.stdout)
+
+
+@pytest.mark.parametrize(
+    ("host", "pid", "age", "code"),
+    [
+        pytest.param("elsewhere", 4242, 90.0, 0, id="lapsed-other-host"),
+        pytest.param("elsewhere", 4242, 30.0, 75, id="live-other-host"),
+        pytest.param(None, None, 0.0, 0, id="dead-pid-this-host"),
+        pytest.param(None, os.getpid(), 0.0, 75, id="live-pid-this-host"),
+    ],
+)
+def test_a_planted_lock_is_taken_over_only_when_lapsed_or_its_run_is_gone(
+    world: World, host: str | None, pid: int | None, age: float, code: int
+) -> None:
+    """A lock last renewed over 60 s ago by the store's clock, or naming this host and a
+    PID that no longer runs, is taken over; a live one makes the run exit 75."""
+    add_image_task(world.replica, task_id(53))
+    plant_lock(world, host or socket.gethostname(), pid or gone_pid())
+    world.proxy.aged[f"/{LOCK}"] = age
+
+    result = world.run_cli("fetch", "--id", task_id(53))
+
+    assert result.returncode == code, result.stderr
+    if code == 75:
+        (line,) = result.stderr.strip().splitlines()
+        assert "holds the lock on s3://" in line and f"pid {pid}" in line
+        assert LOCK in object_paths(world)  # still the other run's
+    else:
+        assert LOCK not in object_paths(world)  # taken over, then released
+        assert snapshot_counts(world, "fresh-host")["archived"] == 1
+
+
+def test_a_run_that_loses_its_lock_stops_with_exit_75(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another writer replaces the lock mid-run: the next renewal sees it, the run stops
+    taking work, leaves the other run's lock and snapshot alone, and exits 75 with one line."""
+    from fetcher.cli import main
+    from fetcher.stores import s3lock
+
+    monkeypatch.setattr(s3lock, "RENEW", 0.2)
+    for name, value in world.cli_env().items():
+        monkeypatch.setenv(name, value)
+    tid = task_id(54)
+    add_image_task(world.replica, tid)
+    world.proxy.faults.append(Fault("PUT", "/00.png", hold="before"))
+
+    def intruder() -> None:
+        assert world.proxy.holding.wait(30)
+        plant_lock(world, "elsewhere", 4242)
+
+    thread = threading.Thread(target=intruder)
+    thread.start()
+    code = main(["fetch", "--id", tid, "--json", "--no-progress"])
+    thread.join()
+
+    out, err = capsys.readouterr()
+    assert code == 75, err
+    assert [line for line in err.splitlines() if "lock" in line] == [
+        f"fetcher: error: lost the lock on s3://{world.bucket}/arch: another run took it over;"
+        " this run stopped taking work"
+    ]
+    assert json.loads(out)["error"]["code"] == "locked"
+    assert json.loads(world.objects()[LOCK])["host"] == "elsewhere"
+    assert "arch/.fetcher/state.sqlite" not in object_paths(world)
 
 
 def test_a_lock_lapses_by_the_stores_clock() -> None:

@@ -52,7 +52,7 @@ from botocore.exceptions import (
 )
 
 from ..durable import make_folders
-from ..errors import ArchiveError, StoreRefused
+from ..errors import ArchiveError, LockedError, StoreFailing, StoreRefused
 from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
@@ -211,7 +211,7 @@ class Bucket:
             except _CONNECTION_ERRORS as exc:
                 reason, retry_after, retryable = _connection_reason(exc), None, True
             if not retryable or attempt > policy.retries:
-                raise ArchiveError(
+                raise StoreFailing(
                     f"bucket {self.url.bucket!r}: {_verb(operation)} failed: {reason}"
                     f" ({attempts(attempt)})"
                 )
@@ -228,7 +228,7 @@ class Bucket:
         if code == "NoSuchBucket" or (status == 404 and operation == "head_bucket"):
             raise StoreRefused(f"bucket {bucket!r} does not exist at {_host(self.endpoint)}")
         if code in _FULL:
-            raise ArchiveError(f"bucket {bucket!r} is full ({code}) while writing")
+            raise StoreFailing(f"bucket {bucket!r} is full ({code}) while writing")
         if code in _DENIED or status == 403:
             raise StoreRefused(f"access denied to bucket {bucket!r} ({_verb(operation)}: {code})")
 
@@ -343,7 +343,7 @@ class Bucket:
                     digest.update(chunk)
                     sink(chunk)
         except _CONNECTION_ERRORS as exc:
-            raise ArchiveError(
+            raise StoreFailing(
                 f"bucket {self.url.bucket!r}: reading {key!r} failed: {_connection_reason(exc)}"
             ) from None
         return digest.hexdigest()
@@ -399,6 +399,8 @@ class S3Store:
         finally:
             if held:
                 await self.lock.release()
+        if self.lock.lost is not None:
+            raise LockedError(self.lock.lost)
 
     async def clean(self) -> None:
         """Restore the state from the snapshot when this host has none; abort open uploads."""
@@ -486,8 +488,12 @@ class S3Store:
         return True
 
     async def committed(self) -> None:
-        """Store a snapshot of the state when it changed; drop the markers of recorded files."""
-        await self.snapshot()
+        """Store a snapshot of the state when it changed; drop the markers of recorded files.
+
+        Not after the lock was lost: the snapshot is the run's that holds it now.
+        """
+        if self.lock.lost is None:
+            await self.snapshot()
         for marker in self._settled:
             marker.unlink(missing_ok=True)
         self._settled.clear()

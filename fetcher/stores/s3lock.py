@@ -8,6 +8,13 @@ clock (the object's Last-Modified against the answer's Date), so no two hosts'
 clocks are compared. A lapsed lock, or one naming this host and a PID that no
 longer runs, is taken over by a write conditional on the version read, so of two
 runs taking it over at once one wins.
+
+A run whose renewal finds the lock replaced (its lock lapsed while the store was
+out of reach, and another run took it over) has lost it: the renewal sets the
+run's stop event, so it takes no new work and winds down as on SIGINT, and
+:attr:`BucketLock.lost` says so; the store then keeps no snapshot, since the
+state is the other run's now, and the run ends with
+:class:`~fetcher.errors.LockedError` (exit 75), as a run finding the lock taken does.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ class BucketLock:
         self._renewal: asyncio.Task[None] | None = None
         #: The holder last seen, for the message when the lock cannot be had.
         self._holder = ""
+        #: Set by a renewal that found the lock replaced: why the run must stop.
+        self.lost: str | None = None
+        self._stop: asyncio.Event | None = None
 
     async def acquire(
         self,
@@ -76,7 +86,8 @@ class BucketLock:
                 waiting = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL)
-        self._renewal = asyncio.get_running_loop().create_task(self._renew())
+        self._stop = stop
+        self._renewal = asyncio.get_running_loop().create_task(self._renew(name))
         return True
 
     async def release(self) -> None:
@@ -162,7 +173,7 @@ class BucketLock:
             return False
         return False
 
-    async def _renew(self) -> None:
+    async def _renew(self, name: str) -> None:
         from .s3 import Expected
 
         while True:
@@ -170,8 +181,14 @@ class BucketLock:
             try:
                 answer = await self._write(IfMatch=self._etag or "")
             except Expected:
-                _log.error("lost the lock on %s: another run took it over", self.key)
+                self.lost = (
+                    f"lost the lock on {name}: another run took it over;"
+                    " this run stopped taking work"
+                )
+                _log.debug("%s (renewing %s)", self.lost, self.key)
                 self._etag = None
+                if self._stop is not None:
+                    self._stop.set()
                 return
             except ArchiveError as exc:
                 _log.warning("could not renew the lock: %s", exc)
