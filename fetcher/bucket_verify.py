@@ -7,31 +7,38 @@ opened read-only and no lock is taken for the check.
 
 A repair takes the bucket's lock only when something needs repairing. Each
 problem file is downloaded again from its host, exactly as a folder's repair
-does (:func:`fetcher.verify.download_again`), uploaded over the damaged or
-missing object, and recorded; with changed bytes accepted, the task's sidecar
-is written again from the state. A bucket keeps no quarantine: the damaged
-object is overwritten.
+does (:func:`fetcher.verify.download_again`); the damaged object is copied (by
+the store, no byte through this host) under ``PREFIX/.fetcher/quarantine/`` at
+its own path, as a folder quarantines a file, then the file is uploaded over it
+and recorded. With changed bytes accepted, the sidecar's entry for the file takes
+them and keeps the first checksum as ``original_sha256``, as a folder's does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
+from .archive import SIDECAR_NAME
 from .config import Settings
+from .download import Downloaded
 from .errors import UsageError
 from .progress import NullProgress
-from .sidecar import build_sidecar
 from .state import FileRow, StateDB
 from .stores import BucketUrl, Placed
 from .verify import (
+    SIDECAR_NO_ENTRY,
+    SIDECAR_UNREADABLE,
+    SIDECAR_UPDATED,
     FileProblem,
     Problem,
     Repairer,
     VerifyProgress,
     VerifyReport,
     download_again,
+    revise_sidecar,
 )
 
 if TYPE_CHECKING:
@@ -164,20 +171,35 @@ class _Repairer(Repairer):
         got = await download_again(self.downloader, row, work, problem, self.accept_changed)
         if isinstance(got, FileProblem):
             return got
+        changed = row.sha256 is not None and got.sha256 != row.sha256
+        moved = await self.store.quarantine(row.path)
         placed = Placed(row.path, got.size, got.sha256, got.content_type)
         await self.store.put_file(got.path, placed)
-        self.record(row, got)
-        if row.sha256 is not None and got.sha256 != row.sha256:
-            await self._rewrite_sidecar(row.task_id)
+        if changed:
+            outcome = Problem.REPLACED_DIFFERENT
             note = f"downloaded again, but the host's bytes differ: sha256 {got.sha256}"
-            return problem.settled(Problem.REPLACED_DIFFERENT, note + "; sidecar written again")
-        return problem.settled(Problem.REPAIRED, f"uploaded again ({got.size} bytes, same sha256)")
+            note += await self._update_sidecar(PurePosixPath(row.path), got, row.sha256)
+        else:
+            outcome, note = Problem.REPAIRED, f"uploaded again ({got.size} bytes, same sha256)"
+        if moved is not None:
+            note += f"; the damaged copy is in {moved}"
+        self.record(row, got)
+        return problem.settled(outcome, note, moved)
 
-    async def _rewrite_sidecar(self, task_id: str) -> None:
-        stored = self.db.stored_task(task_id)
-        if stored is None:
-            return
-        task, folder = stored
-        rows = self.db.files_of(task_id)
-        document = build_sidecar(task, rows, folder)
-        await self.store.put_sidecar(PurePosixPath(folder), document)
+    async def _update_sidecar(
+        self, relative: PurePosixPath, got: Downloaded, original: str | None
+    ) -> str:
+        """The task's sidecar object read, its file's entry revised, and put back."""
+        folder = relative.parent
+        raw = bytearray()
+        found = await self.store.bucket.read(self.store.url.key(folder / SIDECAR_NAME), raw.extend)
+        try:
+            document = json.loads(raw) if found is not None else None
+        except ValueError:
+            document = None
+        if document is None:
+            return SIDECAR_UNREADABLE
+        if not revise_sidecar(document, relative.name, got, original):
+            return SIDECAR_NO_ENTRY
+        await self.store.put_sidecar(folder, document)
+        return SIDECAR_UPDATED

@@ -498,23 +498,37 @@ async def until_stopped(
 def _update_sidecar(
     archive: Archive, relative: PurePosixPath, got: Downloaded, original: str | None
 ) -> str:
-    """Record the new size and checksum in the task's sidecar; a note when it cannot.
-
-    ``original_sha256`` keeps the checksum of the bytes first archived, across any
-    number of accepted changes.
-    """
+    """Record the new size and checksum in the task's sidecar; a note when it cannot."""
     folder = relative.parent
     try:
         document = json.loads(archive.resolve(folder / SIDECAR_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, ArchiveError):
-        return "; sidecar left as it was: it cannot be read"
+        return SIDECAR_UNREADABLE
+    if not revise_sidecar(document, relative.name, got, original):
+        return SIDECAR_NO_ENTRY
+    archive.write_sidecar(folder, document)
+    return SIDECAR_UPDATED
+
+
+#: What a repair that accepted changed bytes says of the task's sidecar.
+SIDECAR_UPDATED = "; sidecar updated"
+SIDECAR_UNREADABLE = "; sidecar left as it was: it cannot be read"
+SIDECAR_NO_ENTRY = "; sidecar left as it was (no entry for the file)"
+
+
+def revise_sidecar(document: Any, name: str, got: Downloaded, original: str | None) -> bool:
+    """The entry of file ``name`` in a sidecar ``document`` takes the new bytes' size and
+    checksum; False, and nothing changed, when there is no single such entry.
+
+    ``original_sha256`` keeps the checksum of the bytes first archived, across any
+    number of accepted changes. Shared by the folder's and the bucket's repair.
+    """
     files = document.get("files") if isinstance(document, dict) else None
     files = files if isinstance(files, list) else []
-    entries = [e for e in files if isinstance(e, dict) and e.get("path") == relative.name]
+    entries = [e for e in files if isinstance(e, dict) and e.get("path") == name]
     if len(entries) != 1:
-        return "; sidecar left as it was (no entry for the file)"
+        return False
     entry = entries[0]
     entry.setdefault("original_sha256", entry.get("sha256") or original)
     entry.update(size=got.size, sha256=got.sha256, content_type=got.content_type)
-    archive.write_sidecar(folder, document)
-    return "; sidecar updated"
+    return True

@@ -31,7 +31,7 @@ from fetcher.config import Settings
 from fetcher.errors import AuthError, UsageError
 from fetcher.layout import Layout, LayoutFields
 from fetcher.replica import Fault as ReplicaFault
-from fetcher.replica import Replica
+from fetcher.replica import Replica, png
 from fetcher.stores import BucketUrl
 from fetcher.summary import Outcome
 from fetcher.verify import Problem
@@ -629,6 +629,61 @@ def test_verify_finds_missing_and_corrupt_objects_and_repairs_them(world: World)
     assert {p["problem"] for p in json.loads(repaired.stdout)["problems"]} == {
         Problem.REPAIRED.value
     }
+
+
+def only_problem(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(result.stdout)["problems"]
+    problem: dict[str, Any] = entry
+    return problem
+
+
+def test_repair_copies_a_corrupt_object_to_quarantine_first(world: World) -> None:
+    """A damaged object is copied under PREFIX/.fetcher/quarantine/ at its own path before the
+    repair overwrites it; a second damage of the same object gets a name of its own."""
+    add_image_task(world.replica, task_id(73))
+    run(world.settings, task_id(73))
+    (key,) = [k for k in object_paths(world) if k.endswith("00.png")]
+    relative = key.removeprefix("arch/")
+    good = world.objects()[key]
+    damages = [b"damaged once", b"damaged twice"]
+    for damaged in damages:
+        world.client.put_object(Bucket=world.bucket, Key=key, Body=damaged)
+
+        entry = only_problem(world.run_cli("verify", "--repair", "--json"))
+
+        assert entry["problem"] == "repaired"
+    objects = world.objects()
+    assert objects[key] == good
+    assert objects[f"arch/.fetcher/quarantine/{relative}"] == damages[0]
+    assert objects[f"arch/.fetcher/quarantine/{relative}.1"] == damages[1]
+    assert entry["quarantined"] == f".fetcher/quarantine/{relative}.1"
+    assert world.run_cli("verify", "--deep").returncode == 0
+
+
+def test_repair_accepting_changes_keeps_the_original_sha256_in_the_sidecar(world: World) -> None:
+    """--accept-changed: the host's new bytes replace the object, and the sidecar's entry takes
+    them while its original_sha256 stays the first one's, over two changes in a row."""
+    tid = task_id(74)
+    add_image_task(world.replica, tid)
+    run(world.settings, tid)
+    (key,) = [k for k in object_paths(world) if k.endswith("00.png")]
+    first_sha = hashlib.sha256(world.objects()[key]).hexdigest()
+    for seed in (99, 100):
+        new = png(20, 20, seed=seed)
+        world.replica.add_file(f"{tid}/image_0.png", new)
+        world.client.put_object(Bucket=world.bucket, Key=key, Body=b"damaged")
+
+        entry = only_problem(world.run_cli("verify", "--repair", "--accept-changed", "--json"))
+
+        assert entry["problem"] == "replaced-different"
+        objects = world.objects()
+        assert objects[key] == new
+        (document,) = json.loads(objects[key.replace("00.png", "task.json")])["files"]
+        new_sha = hashlib.sha256(new).hexdigest()
+        assert (document["sha256"], document["size"]) == (new_sha, len(new))
+        assert document["original_sha256"] == first_sha
+    assert world.run_cli("verify", "--deep").returncode == 0
 
 
 # -- keys and secrets -------------------------------------------------------------------

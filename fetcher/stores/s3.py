@@ -483,6 +483,25 @@ class S3Store:
             Metadata={"sha256": hashlib.sha256(data).hexdigest()},
         )
 
+    async def quarantine(self, relative: str) -> str | None:
+        """Copy the object at ``relative`` under ``.fetcher/quarantine/`` before it is replaced.
+
+        The store copies it (no byte through this host); it keeps its relative path
+        there, and a name already taken gets ``.1``, ``.2``, ... Returns where it went
+        (archive-relative), or None when there was no object.
+        """
+        source = self._key(relative)
+        if await self.bucket.head(source) is None:
+            return None
+        base = f"{META}/quarantine/{PurePosixPath(relative)}"
+        target, n = base, 0
+        while await self.bucket.head(self.url.key(target)) is not None:
+            n += 1
+            target = f"{base}.{n}"
+        copy = {"Bucket": self.url.bucket, "Key": source}
+        await self.bucket.request("copy_object", Key=self.url.key(target), CopySource=copy)
+        return target
+
     def has_file(self, relative: str) -> bool:
         """The state's record stands: checking would be a request on an archived object."""
         return True
