@@ -101,6 +101,9 @@ class Fault:
     #: Never answer: ``"before"`` passing the request on, or ``"after"`` the store took it
     #: (a client killed meanwhile left an object it never heard of).
     hold: str | None = None
+    #: Pass the store's answer on, but only this many bytes of its body, then drop the
+    #: connection (a store that fails midway through a body).
+    cut: int | None = None
 
 
 @dataclass
@@ -181,7 +184,7 @@ class StoreProxy:
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
-        if fault is not None and fault.hold is None:
+        if fault is not None and fault.hold is None and fault.cut is None:
             xml = (
                 '<?xml version="1.0" encoding="UTF-8"?>'
                 f"<Error><Code>{fault.code}</Code><Message>injected</Message></Error>"
@@ -197,6 +200,18 @@ class StoreProxy:
         finally:
             if part:
                 self._parts -= 1
+
+    async def _cut(
+        self, request: web.Request, status: int, headers: dict[str, str], part: bytes, size: int
+    ) -> web.StreamResponse:
+        """The answer's head, promising ``size`` bytes, then ``part`` of them and no more."""
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = size
+        await response.prepare(request)
+        await response.write(part)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
 
     async def _forward(
         self, request: web.Request, body: bytes, fault: Fault | None
@@ -216,6 +231,8 @@ class StoreProxy:
                 return await self._hold()
             out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP}
             self._age(request.path_qs, out)
+            if fault is not None and fault.cut is not None:
+                return await self._cut(request, answer.status, out, data[: fault.cut], len(data))
             if request.method == "HEAD":
                 # No body, but the object's length: verify compares it with the state.
                 out["Content-Length"] = answer.headers.get("Content-Length", "0")

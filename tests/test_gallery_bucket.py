@@ -12,11 +12,15 @@ import http.client
 import json
 import os
 import re
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -324,8 +328,10 @@ def test_serve_refuses_a_bucket_it_cannot_use_in_one_line(
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_serve_on_a_bucket_with_a_token(shelf: Shelf) -> None:
-    """`fetcher serve --archive s3://B/P` prints where it serves and answers with the token."""
+@contextmanager
+def _serving(shelf: Shelf, state: str, **env: str) -> Iterator[tuple[str, list[str]]]:
+    """`fetcher serve --archive s3://B/P` as a process; yields its address, and after the
+    block has the process's stdout and stderr in the list, once it stopped on SIGINT."""
     process = subprocess.Popen(
         [sys.executable, "-m", "fetcher", "serve", "--archive", str(shelf.url), "--port", "0"],
         stdout=subprocess.PIPE,
@@ -334,24 +340,77 @@ def test_serve_on_a_bucket_with_a_token(shelf: Shelf) -> None:
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("FETCHER_")},
             **shelf.env,
-            "FETCHER_SERVE_TOKEN": TOKEN,
             "FETCHER_S3_ENDPOINT": shelf.proxy.url,
-            "FETCHER_STATE": str(shelf.tmp / "cli-serve" / "state.sqlite"),
+            "FETCHER_STATE": str(shelf.tmp / state / "state.sqlite"),
+            **env,
         },
     )
+    output: list[str] = []
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
         assert first.startswith(f"serving {shelf.url} at http://"), first
-        address = first.split(" at ", 1)[1].strip()
+        yield first.split(" at ", 1)[1].strip(), output
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+        output += [first + out, err]
+    assert process.returncode == 0, err
+
+
+def test_serve_on_a_bucket_with_a_token(shelf: Shelf) -> None:
+    """`fetcher serve --archive s3://B/P` prints where it serves and answers with the token."""
+    with _serving(shelf, "cli-serve", FETCHER_SERVE_TOKEN=TOKEN) as (address, output):
         assert get(address, "/")[0] == 401
         status, _, body = get(address, f"/file/{VIDEO}/0", {"Authorization": f"Bearer {TOKEN}"})
         assert status == 200 and body == sample_video()
+    assert not [text for text in output if SECRET in text or TOKEN in text]
+
+
+def test_a_browser_leaving_midway_is_no_error(shelf: Shelf) -> None:
+    """A download the browser drops halfway (a seek, a closed tab) ends quietly: no
+    traceback, and the gallery goes on serving."""
+    key = f"{_folder_of(shelf, image_id(7))}/00.png"
+    kept = shelf.client.get_object(Bucket=shelf.bucket, Key=key)
+    original, kind = kept["Body"].read(), kept["ContentType"]
+    shelf.client.put_object(Bucket=shelf.bucket, Key=key, Body=b"\0" * (16 << 20))
+    try:
+        with _serving(shelf, "left-midway") as (address, output):
+            where = urlsplit(address)
+            asked = f"GET /file/{image_id(7)}/0 HTTP/1.1\r\nHost: {where.netloc}\r\n\r\n"
+            for _ in range(3):
+                with socket.create_connection((where.hostname or "", where.port or 0)) as sock:
+                    sock.sendall(asked.encode())
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.5)
+            assert get(address, f"/file/{VIDEO}/0")[2] == sample_video()
     finally:
-        process.send_signal(2)
-        out, err = process.communicate(timeout=20)
-    assert process.returncode == 0, err
-    assert SECRET not in out + err and TOKEN not in out + err
+        shelf.client.put_object(Bucket=shelf.bucket, Key=key, Body=original, ContentType=kind)
+    assert "Traceback" not in output[1] and "Error handling request" not in output[1]
+
+
+def test_a_store_failing_midway_through_a_file_cuts_it_short(shelf: Shelf) -> None:
+    """A body the store stops sending halfway: the browser gets a short body (never a
+    complete-looking one), serve logs one line and no traceback, and goes on serving."""
+    with _serving(shelf, "cut") as (address, output):
+        shelf.proxy.faults.append(Fault("GET", f"{VIDEO}/00.mp4", cut=1000))
+        where = urlsplit(address)
+        connection = http.client.HTTPConnection(where.hostname or "", where.port, timeout=10)
+        try:
+            connection.request("GET", f"/file/{VIDEO}/0")
+            answer = connection.getresponse()
+            assert answer.status == 200
+            assert answer.headers["Content-Length"] == str(len(sample_video()))
+            with pytest.raises(http.client.IncompleteRead):
+                answer.read()
+        finally:
+            connection.close()
+        assert get(address, f"/file/{VIDEO}/0")[2] == sample_video()
+    (line,) = output[1].strip().splitlines()[:-1]  # the last is the SIGINT's
+    assert line == (
+        f"fetcher: reading {PREFIX}/{_folder_of(shelf, VIDEO).split('/', 1)[1]}/00.mp4"
+        " from the store failed midway (ClientPayloadError)"
+    )
 
 
 @pytest.mark.parametrize("command", ["serve", "search"])

@@ -195,7 +195,8 @@ def single_range(header: str | None) -> str | None:
 
 
 async def _copy(request: web.Request, body: Any, response: web.StreamResponse, key: str) -> None:
-    """The object's bytes to the browser; a store that stops midway ends the connection.
+    """The object's bytes to the browser, until it has them all or goes away; a store that
+    stops midway ends the connection.
 
     Too late for a status then (the headers went): the browser sees a body shorter
     than its Content-Length, and the log one line.
@@ -208,10 +209,13 @@ async def _copy(request: web.Request, body: Any, response: web.StreamResponse, k
             if request.transport is not None:
                 request.transport.close()
             return
-        if not chunk:
-            await response.write_eof()
-            return
-        await response.write(chunk)
+        try:
+            if not chunk:
+                await response.write_eof()
+                return
+            await response.write(chunk)
+        except ConnectionError:
+            return  # the browser went away (a seek, a closed tab): nothing is wrong
 
 
 @contextlib.contextmanager
