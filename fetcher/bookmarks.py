@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .ids import Mark
-from .state import StateDB
+from .state import Records
 
 #: Marks of sources that are not files: tasks read after one belong to no list file.
 NO_FILE = Mark("", 0, 0, 0, "")
@@ -32,7 +32,7 @@ class BookmarkTracker:
     one of them open to its end, and as Python objects they were a third of its memory.
     """
 
-    def __init__(self, db: StateDB) -> None:
+    def __init__(self, db: Records) -> None:
         self._db = db
         self._marks: dict[str, list[Mark]] = {}
         self._position: tuple[str, int] = ("", 0)
@@ -63,7 +63,8 @@ class BookmarkTracker:
     def waiting(self, task_ids: Iterable[str]) -> None:
         """The tasks are being asked about: their lines hold back until each is settled."""
         self._db.query_many(
-            "INSERT OR IGNORE INTO temp.open_tasks VALUES (?, '', 0)", ((t,) for t in task_ids)
+            "INSERT INTO temp.open_tasks VALUES (?, '', 0) ON CONFLICT DO NOTHING",
+            ((t,) for t in task_ids),
         )
 
     def sighted(self, lines: Iterable[tuple[str, tuple[str, int]]]) -> None:
@@ -72,10 +73,11 @@ class BookmarkTracker:
         A task already settled (or never asked about: archived before) holds nothing.
         """
         self._db.query_many(
-            "INSERT INTO temp.open_tasks SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM "
-            "temp.open_tasks WHERE task_id = ?1 AND source = '') AND ?2 != '' "
-            "ON CONFLICT (task_id, source) DO UPDATE SET idx = min(idx, excluded.idx)",
-            ((task_id, source, index) for task_id, (source, index) in lines),
+            "INSERT INTO temp.open_tasks SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM "
+            "temp.open_tasks WHERE task_id = ? AND source = '') AND ? != '' "
+            "ON CONFLICT (task_id, source) DO UPDATE SET idx = CASE WHEN "
+            "excluded.idx < open_tasks.idx THEN excluded.idx ELSE open_tasks.idx END",
+            ((task_id, source, index, task_id, source) for task_id, (source, index) in lines),
         )
 
     def asked(self, task_id: str) -> bool:

@@ -26,7 +26,7 @@ from .config import Settings
 from .download import Downloaded
 from .errors import UsageError
 from .progress import NullProgress
-from .state import FileRow, StateDB
+from .state import FileRow, Records, open_state
 from .stores import BucketUrl, Placed
 from .verify import (
     SIDECAR_NO_ENTRY,
@@ -72,14 +72,14 @@ async def verify_bucket(
     try:
         if not await store.restore_state():
             raise UsageError(f"no fetcher archive in {store.name!r}")
-        with StateDB(store.db_path, readonly=True) as db:
+        with open_state(store, readonly=True) as db:
             checked, problems = await _check_all(store, db, deep, listener, halt)
         if not repair or not problems or halt.is_set():
             return report(checked, problems)
         async with store.wait_lock(None, halt) as held:
             if not held:
                 return report(checked, problems)
-            with StateDB(store.db_path) as db:
+            with open_state(store) as db:
                 repairer = _Repairer(store, db, settings, listener, accept_changed, deep)
                 problems = await repairer.repair_all(problems, halt)
             await store.committed()
@@ -89,7 +89,7 @@ async def verify_bucket(
 
 
 async def _check_all(
-    store: S3Store, db: StateDB, deep: bool, progress: VerifyProgress, stop: asyncio.Event
+    store: S3Store, db: Records, deep: bool, progress: VerifyProgress, stop: asyncio.Event
 ) -> tuple[int, list[FileProblem]]:
     checked = 0
     problems: list[FileProblem] = []
@@ -150,7 +150,7 @@ class _Repairer(Repairer):
     def __init__(
         self,
         store: S3Store,
-        db: StateDB,
+        db: Records,
         settings: Settings,
         progress: VerifyProgress,
         accept_changed: bool,

@@ -29,7 +29,7 @@ from typing import Any
 from .archive import Archive
 from .errors import CatalogError, UsageError
 from .models import format_time, parse_time
-from .state import STATES, TEXT_SCHEMA, StateDB, opt_text
+from .state import STATES, TEXT_SCHEMA, Records, StateDB, opt_text
 
 #: The most cards one page holds.
 MAX_LIMIT = 1000
@@ -183,7 +183,7 @@ def reading_state(db_path: Path) -> Iterator[Catalog]:
 class Catalog:
     """Queries over one open state database; use it on the thread that opened it."""
 
-    def __init__(self, db: StateDB) -> None:
+    def __init__(self, db: Records) -> None:
         self._db = db
         self._indexed = db.version >= TEXT_SCHEMA
         if self._indexed:

@@ -412,7 +412,10 @@ def _store_flags(
     )
     if state:
         parser.add_argument(
-            "--state", metavar="PATH", help="a bucket archive's state file (default: user data dir)"
+            "--state",
+            metavar="PATH|URL",
+            help="a bucket archive's state file (default: user data dir), or for any archive "
+            "a shared postgresql://USER@HOST/DB",
         )
 
 
@@ -834,6 +837,7 @@ def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
     from .stores import BucketUrl, state_here
 
     settings = _settings(args)
+    _sqlite_state_only(settings, "search")
     root = settings.archive
     if isinstance(root, BucketUrl):
         return reading_state(state_here(root, settings)), True, "the next fetch builds it"
@@ -841,6 +845,14 @@ def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
         whole = index_archive(root, bar)
     reason = "another run holds the lock, or the archive is read-only"
     return reading(root), whole, reason
+
+
+def _sqlite_state_only(settings: Settings, command: str) -> None:
+    """Refuse, in one line, a PostgreSQL state to a command that reads SQLite's alone."""
+    from .stores import database_url
+
+    if database_url(settings) is not None:
+        raise UsageError(f"'fetcher {command}' reads an SQLite state; not a postgresql:// one yet")
 
 
 def _cards(catalog: Any, query: Any, limit: int) -> Any:
@@ -933,6 +945,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     token = _serve_token(args)
     settings = _settings(args)
+    _sqlite_state_only(settings, "serve")
     options = GalleryOptions(
         archive=settings.archive, host=args.host, port=args.port, token=token, settings=settings
     )

@@ -27,6 +27,7 @@ import platformdirs
 from .errors import ConfigError, UsageError
 from .layout import DEFAULT_LAYOUT, Layout
 from .sizes import parse_size
+from .state.address import DatabaseUrl, is_database
 from .stores import BucketUrl, is_bucket
 from .url import InvalidUrl, Url
 
@@ -78,8 +79,9 @@ class Settings:
     s3_endpoint: str | None = None
     s3_addressing: str = "auto"
     #: The SQLite state of a bucket archive (None: one file per bucket and prefix in the
-    #: user data folder). A folder archive keeps its state inside itself.
-    state: Path | None = None
+    #: user data folder; a folder archive keeps its state inside itself), or, for either,
+    #: a PostgreSQL database (``postgresql://USER@HOST/DB``) several hosts share.
+    state: Path | DatabaseUrl | None = None
     #: From ``http_proxy``/``https_proxy``/``all_proxy``/``no_proxy``, not a setting of its own.
     proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold a password
 
@@ -122,8 +124,13 @@ def check_setting(name: str, value: Any) -> Any:
         except UsageError as exc:
             raise ConfigError(f"{label}: {exc}") from None
     if name == "state":
-        if value is None:
-            return None
+        if value is None or isinstance(value, DatabaseUrl):
+            return value
+        if is_database(value):
+            try:
+                return DatabaseUrl.parse(value)
+            except UsageError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
         if not isinstance(value, str | os.PathLike) or isinstance(value, bytes) or not str(value):
             raise ConfigError(f"{label}: {value!r} is not a file path")
         return Path(value)
@@ -260,7 +267,7 @@ def _coerce(name: str, given: _Given) -> Any:
     """One layer's value as the setting's type; errors name the file, variable or flag."""
     value = given.value
     try:
-        if name in ("archive", "state") and not is_bucket(value):
+        if name in ("archive", "state") and not is_bucket(value) and not is_database(value):
             value = _path(value, given)
         elif isinstance(value, str) and name in _TEXT_SETTINGS:
             value = value.strip()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from .state import ARCHIVED, BATCH, StateDB, opt_text
+from .state import ARCHIVED, BATCH, Records, opt_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ _ARCHIVED = Known(ARCHIVED, True, None)
 class FirstSight:
     """Which IDs a run meets for the first time; make one per run, before its first step."""
 
-    def __init__(self, db: StateDB) -> None:
+    def __init__(self, db: Records) -> None:
         self._db = db
         db.query("CREATE TEMP TABLE IF NOT EXISTS seen (task_id TEXT PRIMARY KEY) WITHOUT ROWID")
         row = db.query_one("SELECT COALESCE(MAX(rowid), 0) FROM tasks")
@@ -87,7 +87,8 @@ class FirstSight:
         if not task_ids:
             return set()
         rows = self._db.query(
-            "INSERT OR IGNORE INTO seen SELECT value FROM json_each(?) RETURNING task_id",
+            "INSERT INTO seen SELECT value FROM json_each(?) WHERE true "
+            "ON CONFLICT DO NOTHING RETURNING task_id",
             (json.dumps(task_ids),),
         )
         return {str(r[0]) for r in rows}

@@ -16,6 +16,8 @@ that task's outcome, so the rest of the run goes on::
     │                                          or 403 to every first query)
     ├── StoreRefused                  exit 2   the bucket's store said no: wrong key,
     │                                          no such bucket, a denied write
+    ├── StateUnreachable              exit 2   the PostgreSQL state cannot be reached:
+    │                                          refused, wrong password, no such database
     ├── LockedError                   exit 75  another run holds the archive
     ├── ArchiveError                  exit 3   the archive or its state cannot be written
     │   └── StoreFailing              exit 3   the bucket's store still failing after the
@@ -128,6 +130,13 @@ class StoreRefused(FetcherError):
 
     exit_code = EXIT_USAGE
     code = "store"
+
+
+class StateUnreachable(FetcherError):
+    """The PostgreSQL state cannot be connected to: refused, a wrong password, no database."""
+
+    exit_code = EXIT_USAGE
+    code = "state"
 
 
 class LockedError(FetcherError):

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from .archive import Archive
 from .errors import LockedError
-from .state import SCHEMA_VERSION, TEXT_SCHEMA, StateDB, upsert_text
+from .state import SCHEMA_VERSION, TEXT_SCHEMA, Records, StateDB, upsert_text
 
 #: Tasks indexed per transaction.
 INDEX_BATCH = 2000
@@ -34,7 +34,7 @@ class IndexProgress(Protocol):
         """``done`` of ``total`` tasks are indexed."""
 
 
-def needs_index(db: StateDB) -> bool:
+def needs_index(db: Records) -> bool:
     """Whether tasks recorded before the index existed are still to be indexed."""
     if db.version < TEXT_SCHEMA:
         return False
@@ -66,14 +66,14 @@ def index_archive(root: Path, progress: IndexProgress) -> bool:
     return True
 
 
-def build_index(db: StateDB, progress: IndexProgress) -> int:
+def build_index(db: Records, progress: IndexProgress) -> int:
     """Index every task not indexed yet; returns how many. The caller holds the lock."""
     steps = [done for done, _total in _steps(db, progress)]
     return steps[-1] if steps else 0
 
 
 async def build_index_async(
-    db: StateDB, progress: IndexProgress, stop: asyncio.Event | None = None
+    db: Records, progress: IndexProgress, stop: asyncio.Event | None = None
 ) -> bool:
     """:func:`build_index` inside a run, letting the loop turn (a signal) between batches.
 
@@ -86,7 +86,7 @@ async def build_index_async(
     return True
 
 
-def _steps(db: StateDB, progress: IndexProgress) -> Iterator[tuple[int, int]]:
+def _steps(db: Records, progress: IndexProgress) -> Iterator[tuple[int, int]]:
     """One committed batch per step; yields how many of how many are done."""
     if not needs_index(db):
         return
@@ -105,7 +105,10 @@ def _steps(db: StateDB, progress: IndexProgress) -> Iterator[tuple[int, int]]:
             for task_id, detail in rows:
                 upsert_text(conn, str(task_id), _words(detail))
             if not rows:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('text_index', 'whole')")
+                conn.execute(
+                    "INSERT INTO meta VALUES ('text_index', 'whole') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                )
         if not rows:
             progress.indexed(total, total)
             return
@@ -115,7 +118,7 @@ def _steps(db: StateDB, progress: IndexProgress) -> Iterator[tuple[int, int]]:
         yield done, total
 
 
-def _left(db: StateDB) -> int:
+def _left(db: Records) -> int:
     row = db.query_one(
         "SELECT COUNT(*) FROM tasks t WHERE detail IS NOT NULL "
         "AND NOT EXISTS (SELECT 1 FROM task_text x WHERE x.task_id = t.task_id)"

@@ -20,13 +20,15 @@ from .config import Settings
 from .errors import EXIT_FAILED, EXIT_OK
 from .feed import batches
 from .ids import IdSource, InvalidId, iter_entries
-from .state import FAILED, QUEUED, Records, StateDB, now_text
+from .state import FAILED, QUEUED, Records, now_text, open_state
 from .stores import open_store
 
 #: At most this many IDs to a transaction (the lines a batch may gather).
 BATCH = 2000
 #: Rows to one INSERT statement: three parameters each, well under SQLite's limit.
 ROWS_PER_STATEMENT = 500
+#: The channel a shared (PostgreSQL) state's ``work`` runs listen on for new IDs.
+CHANNEL = "fetcher_queued"
 
 
 @dataclass(slots=True)
@@ -76,7 +78,7 @@ async def enqueue(
     await store.open()
     try:
         await store.restore_state()
-        with StateDB(store.db_path) as db:
+        with open_state(store) as db:
             async for batch in batches(iter_entries(sources), BATCH):
                 ids: list[str] = []
                 for entry in batch:
@@ -102,12 +104,13 @@ def record_queued(db: Records, task_ids: Sequence[str]) -> int:
     A task the state holds is left as it is, unless it failed in a way that asking
     again may change (not ``final``): that one is queued again, or no run would
     ever ask about it. The statement is plain SQL (UPSERT, RETURNING) that SQLite
-    3.35 and PostgreSQL both run.
+    3.35 and PostgreSQL both run. On a shared state the step also notifies
+    :data:`CHANNEL`, which PostgreSQL delivers when it commits: ``work`` runs wake.
     """
     unique = list(dict.fromkeys(task_ids))
     stamp = now_text()
     recorded = 0
-    with db.atomic():
+    with db.atomic() as step:
         for start in range(0, len(unique), ROWS_PER_STATEMENT):
             chunk = unique[start : start + ROWS_PER_STATEMENT]
             rows = ", ".join(["(?, ?, 0, ?, ?)"] * len(chunk))
@@ -120,4 +123,6 @@ def record_queued(db: Records, task_ids: Sequence[str]) -> int:
                 (*params, FAILED),
             )
             recorded += len(returned)
+        if recorded and db.shared:
+            step.execute("SELECT pg_notify(?, '')", (CHANNEL,))
     return recorded

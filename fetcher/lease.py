@@ -163,28 +163,32 @@ class Leases:
             )
 
     def holders(self, task_ids: Iterable[str]) -> list[Holder]:
-        """Each task's state and lease, as another run left them."""
+        """Each task's state and lease, as other runs left them (a task no run has
+        recorded yet has no state)."""
         ids = list(task_ids)
         found: list[Holder] = []
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows = self._db.query(
-                "SELECT tasks.task_id, tasks.state, tasks.final, leases.run_id, "  # noqa: S608
-                "leases.expires_at FROM tasks LEFT JOIN leases "
-                f"ON leases.task_id = tasks.task_id WHERE tasks.task_id IN ({marks})",
-                chunk,
-            )
-            for task_id, state, final, run_id, expires in rows:
-                found.append(
-                    Holder(
-                        task_id=str(task_id),
-                        state=None if state is None else str(state),
-                        final=bool(final),
-                        run_id=None if run_id is None else str(run_id),
-                        expires_at=None if expires is None else float(str(expires)),
-                    )
+            states = {
+                str(t): (None if s is None else str(s), bool(f))
+                for t, s, f in self._db.query(
+                    f"SELECT task_id, state, final FROM tasks WHERE task_id IN ({marks})",  # noqa: S608
+                    chunk,
                 )
+            }
+            leases = {
+                str(t): (str(r), float(str(e)))
+                for t, r, e in self._db.query(
+                    "SELECT task_id, run_id, expires_at FROM leases "  # noqa: S608
+                    f"WHERE task_id IN ({marks})",
+                    chunk,
+                )
+            }
+            for task_id in chunk:
+                state, final = states.get(task_id, (None, False))
+                run_id, expires = leases.get(task_id, (None, None))
+                found.append(Holder(task_id, state, final, run_id, expires))
         return found
 
     def now(self) -> float:
@@ -207,7 +211,7 @@ def live_runs(db: Records, now: float, limit: int | None) -> list[dict[str, obje
     for run_id, host, pid, started_at, alive_until in runs:
         leases = db.query(
             "SELECT task_id, expires_at FROM leases WHERE run_id = ? ORDER BY task_id LIMIT ?",
-            (run_id, -1 if limit is None else limit),
+            (run_id, db.no_limit if limit is None else limit),
         )
         count = db.query_one("SELECT COUNT(*) FROM leases WHERE run_id = ?", (run_id,))
         found.append(

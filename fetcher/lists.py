@@ -8,10 +8,10 @@ run and to ``status``.
 from __future__ import annotations
 
 from .ids import Mark
-from .state import StateDB, now_text
+from .state import Records, now_text
 
 
-def save_bookmark(db: StateDB, mark: Mark) -> None:
+def save_bookmark(db: Records, mark: Mark) -> None:
     """Remember how far ``mark.source`` is settled, for the next run to start there."""
     with db.atomic() as conn:
         conn.execute(
@@ -22,7 +22,7 @@ def save_bookmark(db: StateDB, mark: Mark) -> None:
         )
 
 
-def bookmarks(db: StateDB) -> list[tuple[Mark, str]]:
+def bookmarks(db: Records) -> list[tuple[Mark, str]]:
     """Every remembered list file, with when it was last settled (a row per list file).
 
     None in an archive made before lists were remembered (opened read-only, so not

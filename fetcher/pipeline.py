@@ -65,7 +65,7 @@ from .progress import NullProgress, Progress
 from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
-from .state import ARCHIVED, EXPIRED, FAILED, INCOMPLETE, QUEUED, StateDB
+from .state import ARCHIVED, EXPIRED, FAILED, PENDING, Records, StateDB, open_state
 from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
@@ -149,8 +149,7 @@ async def fetch(
     summary.archive = archive.name
     if options.dry_run:
         # A read-only look: a database that is not there is an empty one in memory.
-        path = archive.db_path if archive.exists() else IN_MEMORY
-        with StateDB(path, readonly=path != IN_MEMORY) as db:
+        with open_state(archive, readonly=True) if archive.exists() else StateDB(IN_MEMORY) as db:
             run = _Run(settings, options, progress or NullProgress(), archive, db, layout, summary)
             return await run.execute(sources, stop)
     progress = progress or NullProgress()
@@ -173,19 +172,31 @@ async def _locked_run(
     sources: Iterable[IdSource],
     stop: asyncio.Event | None,
 ) -> RunSummary:
-    """The run under the archive's lock; its state handed to the store once closed."""
+    """The run under the archive's lock; its state handed to the store once closed.
+
+    A shared (PostgreSQL) state takes no lock: runs on any host work beside each
+    other, each task under a lease (:mod:`fetcher.lease`), and the work folder's
+    leftovers are not cleaned, since another run may be writing them.
+    """
     # One event for a signal and for a store whose lock was lost: either winds the run down.
     stop = stop if stop is not None else asyncio.Event()
     waiting = functools.partial(
         progress.message, f"waiting for another run's lock on {archive.name}"
     )
-    async with archive.wait_lock(options.wait_lock, stop, waiting) as held:
+    shared = archive.state_url is not None
+    lock = (
+        contextlib.nullcontext(True)
+        if shared
+        else archive.wait_lock(options.wait_lock, stop, waiting)
+    )
+    async with lock as held:
         if not held:
             summary.interrupted = True
             return summary
-        await archive.clean()
+        if not shared:
+            await archive.clean()
         try:
-            with StateDB(archive.db_path) as db:
+            with open_state(archive) as db:
                 # Once, for an archive recorded before search existed: its own commits.
                 if await build_index_async(db, progress, stop):
                     with db.grouped(asyncio.get_running_loop()):
@@ -230,7 +241,7 @@ class _Run:
         options: FetchOptions,
         progress: Progress,
         archive: ArchiveStore,
-        db: StateDB,
+        db: Records,
         layout: Layout,
         summary: RunSummary,
     ) -> None:
@@ -243,9 +254,11 @@ class _Run:
         self.summary = summary
         self._bookmarks = BookmarkTracker(db)
         self._seen = FirstSight(db)
-        #: A dry run writes nothing, leases included. Under the archive's lock (every run
-        #: now) no other run is running: a lease another run left is void.
-        self._leases = None if options.dry_run else Leases(db, options.lease, exclusive=True)
+        #: A dry run writes nothing, leases included. On SQLite the run holds the archive's
+        #: lock, so no other run is running: a lease another run left is void.
+        self._leases = (
+            None if options.dry_run else Leases(db, options.lease, exclusive=not db.shared)
+        )
         #: Tasks given to this run that another live run holds: watched until settled.
         self._others: set[str] = set()
         #: Tasks handed to the query workers: the run's number of queries, once read.
@@ -441,7 +454,7 @@ class _Run:
             for holder in leases.holders(sorted(self._others)):
                 if holder.run_id is not None and not leases.lapsed(holder):
                     continue
-                if holder.run_id is None and holder.state not in (QUEUED, INCOMPLETE):
+                if holder.run_id is None and holder.state in _SETTLED_STATES:
                     # Its run let go of it settled (a run stopped early lets go of open ones).
                     self._others.discard(holder.task_id)
                     self._elsewhere(holder.task_id, holder.state, holder.final)
@@ -768,6 +781,8 @@ class _Run:
 
 #: Outcomes whose answer will not change by asking again.
 _SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
+#: Task states another run leaves a task in when it settled it (not queued, not mid-download).
+_SETTLED_STATES = frozenset({ARCHIVED, PENDING, FAILED, EXPIRED})
 #: Outcomes after which the run lets go of the task's lease: it settled the task.
 _LET_GO = frozenset({Outcome.ARCHIVED, Outcome.PENDING, Outcome.FAILED, Outcome.EXPIRED})
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .lease import Leases
 from .models import RemoteFile, parse_time
-from .state import StateDB, opt_text
+from .state import Records, opt_text
 
 #: The queue's order, written out in each statement: earliest expiry first, files
 #: without an ExpireTime last, then the order they came in. It matches the
@@ -51,7 +51,7 @@ class HeadEntry:
 class FileQueue:
     """The queue over one run's state database; claims live as long as the run."""
 
-    def __init__(self, db: StateDB, leases: Leases | None = None) -> None:
+    def __init__(self, db: Records, leases: Leases | None = None) -> None:
         self._db = db
         self._leases = leases
         #: Rowids of files being downloaded now: at most ``--downloads`` of them.
@@ -74,7 +74,7 @@ class FileQueue:
             "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type, "
             "(SELECT dir FROM tasks WHERE tasks.task_id = files.task_id) "
             "FROM files WHERE state = 'wanted' "
-            "AND rowid NOT IN (SELECT value FROM json_each(?)) "
+            "AND rowid NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) "
             "AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = files.task_id "
             "AND leases.run_id != ? AND leases.expires_at >= ?) "
             "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1",
@@ -104,17 +104,17 @@ class FileQueue:
         self._claimed.discard(item.rowid)
 
 
-def queue_head(db: StateDB, limit: int | None) -> list[HeadEntry]:
+def queue_head(db: Records, limit: int | None) -> list[HeadEntry]:
     """The next files a run would download, in order (``limit`` None: all of them)."""
     rows = db.query(
         "SELECT task_id, idx, expire_time FROM files WHERE state = 'wanted' "
         "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT ?",
-        (-1 if limit is None else limit,),
+        (db.no_limit if limit is None else limit,),
     )
     return [HeadEntry(str(t), int(str(i)), opt_text(e)) for t, i, e in rows]
 
 
-def queue_length(db: StateDB) -> int:
+def queue_length(db: Records) -> int:
     """How many files the queue holds."""
     row = db.query_one("SELECT COUNT(*) FROM files WHERE state = 'wanted'")
     return int(str(row[0])) if row else 0

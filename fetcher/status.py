@@ -18,7 +18,7 @@ from .lease import live_runs
 from .lists import bookmarks
 from .models import parse_time
 from .queue import queue_head, queue_length
-from .state import EXPIRED, FAILED, INCOMPLETE, PENDING, STATES, StateDB
+from .state import EXPIRED, FAILED, INCOMPLETE, PENDING, STATES, open_state
 from .stores import BucketUrl, fetch_state, open_store
 
 #: Tasks can be queried only for about this long after submission.
@@ -154,7 +154,7 @@ def archive_status(
     if not archive.exists() and not (restorable and asyncio.run(fetch_state(archive))):
         raise UsageError(f"no fetcher archive at {archive.name!r}")
     now = now or datetime.now(UTC)
-    with StateDB(archive.db_path, readonly=True) as db:
+    with open_state(archive, readonly=True) as db:
         counts = db.counts()
         files, size = db.totals()
         pending = [

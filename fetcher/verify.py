@@ -44,7 +44,8 @@ from .errors import EXIT_FAILED, EXIT_OK, ArchiveError, TaskError, UsageError
 from .models import RemoteFile, parse_time
 from .progress import NullProgress
 from .retry import RetryPolicy
-from .state import FileRow, StateDB
+from .state import FileRow, Records, open_state
+from .stores import database_url
 from .url import Url
 
 #: Files are read and hashed in blocks this size.
@@ -238,7 +239,7 @@ async def verify(
     :class:`LockedError` when a repair is needed while another run holds the lock,
     and :class:`ArchiveError` when the archive cannot be read or written.
     """
-    archive = Archive(root)
+    archive = Archive(root, database_url(settings))
     if not archive.exists():
         raise UsageError(f"no fetcher archive at {str(archive.root)!r}")
     listener = progress or NullProgress()
@@ -249,12 +250,12 @@ async def verify(
             str(archive.root), repair, checked, problems, accept_changed, halt.is_set()
         )
 
-    with StateDB(archive.db_path, readonly=True) as db:
+    with open_state(archive, readonly=True) as db:
         checked, problems = await _check_all(archive, db, listener, halt)
     if not repair or not problems or halt.is_set():
         return report(checked, problems)
     archive.prepare()
-    with archive.lock(), StateDB(archive.db_path) as db:
+    with archive.lock(), open_state(archive) as db:
         repairer = _Repairer(archive, db, settings, listener, accept_changed=accept_changed)
         problems = await repairer.repair_all(problems, halt)
     return report(checked, problems)
@@ -264,7 +265,7 @@ async def verify(
 
 
 async def _check_all(
-    archive: Archive, db: StateDB, progress: VerifyProgress, stop: asyncio.Event
+    archive: Archive, db: Records, progress: VerifyProgress, stop: asyncio.Event
 ) -> tuple[int, list[FileProblem]]:
     checked = 0
     problems: list[FileProblem] = []
@@ -331,7 +332,7 @@ class Repairer:
 
     def __init__(
         self,
-        db: StateDB,
+        db: Records,
         settings: Settings,
         progress: VerifyProgress,
         *,
@@ -380,7 +381,7 @@ class _Repairer(Repairer):
     def __init__(
         self,
         archive: Archive,
-        db: StateDB,
+        db: Records,
         settings: Settings,
         progress: VerifyProgress,
         *,

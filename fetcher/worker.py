@@ -2,9 +2,11 @@
 
 The long-running mode of a deployment whose app hands IDs over with
 ``fetcher enqueue``. It looks at the state every :data:`POLL` seconds (a read of
-an index or two); when tasks are queued, or files wait in the download queue,
+an index or two), and on a PostgreSQL state as soon as an enqueue's ``NOTIFY``
+arrives (``LISTEN``); when tasks are queued, or files wait in the download queue,
 it runs one pass: an ordinary :func:`fetcher.pipeline.fetch` over the queued
-tasks, under the archive's lock, waiting for it while another run holds it.
+tasks (on SQLite under the archive's lock, waiting for it while another run
+holds it; on a shared state beside the other runs, each task under a lease).
 Between passes it holds nothing, so a cron ``fetch`` still gets its turn.
 
 Tasks the API still runs (pending) are asked about again every
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .ids import IdSource
+from .intake import CHANNEL
 from .lease import DEFAULT_LEASE
 from .pipeline import FetchOptions, fetch
 from .progress import NullProgress, Progress
-from .state import INCOMPLETE, PENDING, QUEUED, StateDB
+from .state import INCOMPLETE, PENDING, QUEUED, Records, open_state
 from .stores import fetch_state, open_store
 from .summary import RunSummary
 
@@ -96,7 +99,8 @@ async def work(
         await store.close()
     idle_since = time.monotonic()
     asked_pending = -math.inf
-    with StateDB(store.db_path) as db:
+    with open_state(store) as db:
+        listening = db.listen(CHANNEL)
         while not stop.is_set():
             look = _look(db)
             due = look.unfinished and time.monotonic() - asked_pending >= options.pending_every
@@ -113,14 +117,26 @@ async def work(
                 time.monotonic() - idle_since >= options.idle_exit
             ):
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), options.poll)
+            await _nap(db, listening, stop, options.poll)
     if stop.is_set():
         summary.interrupted = True
     return summary
 
 
-def _look(db: StateDB) -> _Look:
+async def _nap(db: Records, listening: bool, stop: asyncio.Event, seconds: float) -> None:
+    """Until ``seconds`` pass, ``stop`` is set, or (on a state that notifies) IDs are queued.
+
+    A notice is waited for on a thread, at most ``seconds`` at a time, so a stop is
+    seen within that; the connection is used by nothing else meanwhile.
+    """
+    if listening:
+        await asyncio.to_thread(db.wait_notice, seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _look(db: Records) -> _Look:
     """Queued tasks (the first :data:`PASS_TASKS`), and whether files or unfinished tasks wait."""
     queued = db.query(
         "SELECT task_id FROM tasks WHERE state = ? ORDER BY first_seen LIMIT ?",

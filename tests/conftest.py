@@ -22,7 +22,10 @@ from fetcher.config import Settings
 from fetcher.ids import IdSource
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, pseudo_video, task_response
+from fetcher.state import DatabaseUrl, open_state
+from fetcher.stores import open_store
 from fetcher.summary import RunSummary
+from tests.pgserver import PostgresServer
 from tests.s3server import AWS_USER_VARIABLES, MotoServer, aws_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +73,40 @@ def settings(replica: Replica, archive_dir: Path) -> Settings:
         timeout=5.0,
         rate=10_000.0,
     )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session; each test makes its own database."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> DatabaseUrl:
+    """A new, empty PostgreSQL database of this test's own."""
+    return DatabaseUrl.parse(postgres.database())
+
+
+#: The state's implementations, for the tests that run against each of them.
+STATE_KINDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql")]
+
+
+@pytest.fixture(params=STATE_KINDS)
+def state(request: pytest.FixtureRequest) -> DatabaseUrl | None:
+    """The ``state`` setting, once per implementation: None (SQLite's file inside the
+    archive) and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: DatabaseUrl = request.getfixturevalue("postgres_url")
+    return url
+
+
+def on_each_state(settings: Settings, state: DatabaseUrl | None) -> Settings:
+    """``settings`` on each state implementation; a module whose tests exercise the state
+    runs all of them on both with ``settings = pytest.fixture(name="settings")(on_each_state)``.
+    """
+    return tweak(settings, state=state)
 
 
 @pytest.fixture
@@ -153,6 +190,27 @@ def archived_files(archive: Path) -> dict[str, bytes]:
         for p in sorted(archive.rglob("*"))
         if p.is_file() and ".fetcher" not in p.relative_to(archive).parts
     }
+
+
+def state_rows(
+    settings: Settings, sql: str, params: Sequence[object] = ()
+) -> list[tuple[Any, ...]]:
+    """Rows a read of the settings' state gives, whichever implementation holds it."""
+    with open_state(open_store(settings.archive, settings), readonly=True) as db:
+        return db.query(sql, params)
+
+
+def state_write(settings: Settings, sql: str, params: Sequence[object] = ()) -> int:
+    """One statement in a step of the settings' state; how many rows it touched."""
+    with open_state(open_store(settings.archive, settings)) as db, db.atomic() as conn:
+        return int(conn.execute(sql, params).rowcount)
+
+
+def state_env(settings: Settings) -> dict[str, str]:
+    """``FETCHER_STATE`` for a CLI subprocess on the settings' PostgreSQL state; none for
+    SQLite's file inside the archive."""
+    state = settings.state
+    return {"FETCHER_STATE": state.dsn} if isinstance(state, DatabaseUrl) else {}
 
 
 def process_env(replica: Replica, archive: Path, tmp_path: Path) -> dict[str, str]:

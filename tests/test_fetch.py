@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,9 @@ from conftest import (
     add_image_task,
     add_video_task,
     archived_files,
+    on_each_state,
     run,
+    state_rows,
     task_id,
     tweak,
 )
@@ -34,6 +34,9 @@ from fetcher.replica import (
     task_response,
 )
 from fetcher.summary import Outcome, RunSummary, TaskOutcome
+
+#: Every test here exercises the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
 CREATED = datetime(2024, 3, 7, 12, 30, 5, tzinfo=UTC)
 SIDECAR_KEYS = {
@@ -63,14 +66,11 @@ def outcome_of(summary: RunSummary, tid: str) -> TaskOutcome:
     return found[0]
 
 
-def db_row(archive: Path, tid: str) -> tuple[str, int, str | None] | None:
-    """(state, final, reason) of a task in the archive's state database."""
-    uri = f"{(archive / '.fetcher' / 'state.sqlite').as_uri()}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        row = conn.execute(
-            "SELECT state, final, reason FROM tasks WHERE task_id = ?", (tid,)
-        ).fetchone()
-    return None if row is None else (row[0], row[1], row[2])
+def db_row(where: Settings | Path, tid: str) -> tuple[str, int, str | None] | None:
+    """(state, final, reason) of a task in the state the settings name (a folder: its own)."""
+    settings = where if isinstance(where, Settings) else Settings(archive=where)
+    rows = state_rows(settings, "SELECT state, final, reason FROM tasks WHERE task_id = ?", (tid,))
+    return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
 
 def sidecar(archive: Path, folder: str) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def test_image_task_is_archived(replica: Replica, settings: Settings, archive_di
     files = archived_files(archive_dir)
     assert set(files) == {f"{got.folder}/00.png", f"{got.folder}/task.json"}
     assert files[f"{got.folder}/00.png"] == data
-    assert db_row(archive_dir, tid) == ("archived", 1, None)
+    assert db_row(settings, tid) == ("archived", 1, None)
 
 
 def test_video_task_is_archived(replica: Replica, settings: Settings, archive_dir: Path) -> None:
@@ -288,7 +288,7 @@ def test_pending_task_is_archived_on_a_later_run(
 
     assert outcome_of(first, tid).outcome is Outcome.PENDING
     assert "PROCESSING" in str(outcome_of(first, tid).reason)
-    assert db_row(archive_dir, tid) == ("pending", 0, "status PROCESSING")
+    assert db_row(settings, tid) == ("pending", 0, "status PROCESSING")
     assert replica.seen("files") == []
     assert archived_files(archive_dir) == {}
 
@@ -297,7 +297,7 @@ def test_pending_task_is_archived_on_a_later_run(
     got = outcome_of(second, tid)
     assert got.outcome is Outcome.ARCHIVED
     assert (archive_dir / str(got.folder) / "00.png").read_bytes() == data
-    assert db_row(archive_dir, tid) == ("archived", 1, None)
+    assert db_row(settings, tid) == ("archived", 1, None)
 
 
 def test_pending_option_requeries_pending_tasks_without_naming_them(
@@ -313,7 +313,7 @@ def test_pending_option_requeries_pending_tasks_without_naming_them(
     )
     add_image_task(replica, done)
     run(settings, waiting, done)
-    assert db_row(archive_dir, waiting) == ("pending", 0, "status WAITING")
+    assert db_row(settings, waiting) == ("pending", 0, "status WAITING")
     api_before = len(replica.seen("api"))
 
     summary = run(settings, pending=True)
@@ -367,7 +367,7 @@ def test_failed_task_is_final_and_skipped_until_retry_failed(
     assert got.outcome is Outcome.FAILED
     assert code in str(got.reason)
     assert first.exit_code == 1
-    state, final, reason = db_row(archive_dir, tid) or ("", 0, None)
+    state, final, reason = db_row(settings, tid) or ("", 0, None)
     assert (state, final) == ("failed", 1)
     assert code in str(reason)
     assert replica.seen("files") == []
@@ -415,7 +415,7 @@ def test_unknown_task_fails_with_a_reason(
     assert got.outcome is Outcome.FAILED
     assert "unknown task" in str(got.reason)
     assert needle in str(got.reason)
-    assert db_row(archive_dir, tid) == ("failed", 1, got.reason)
+    assert db_row(settings, tid) == ("failed", 1, got.reason)
     assert replica.seen("files") == []
     assert archived_files(archive_dir) == {}
 
@@ -436,7 +436,7 @@ def test_bare_404_from_the_api_is_not_final(
     got = outcome_of(first, tid)
     assert got.outcome is Outcome.FAILED
     assert "404" in str(got.reason) and "base URL" in str(got.reason)
-    assert db_row(archive_dir, tid) == ("failed", 0, got.reason)
+    assert db_row(settings, tid) == ("failed", 0, got.reason)
     second = run(settings, tid)
     assert outcome_of(second, tid).outcome is Outcome.ARCHIVED
     assert data[0] in archived_files(archive_dir).values()
@@ -680,7 +680,7 @@ def test_persistent_server_errors_fail_the_task(
     got = outcome_of(summary, tid)
     assert got.outcome is Outcome.FAILED
     assert needle in str(got.reason)
-    state, final, _ = db_row(archive_dir, tid) or ("", 1, None)
+    state, final, _ = db_row(settings, tid) or ("", 1, None)
     assert (state, final) == ("failed", 0)
     assert outcome_of(summary, other).outcome is Outcome.ARCHIVED
     other_folder = str(outcome_of(summary, other).folder)

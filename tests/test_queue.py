@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import add_image_task, run_cli, task_id, tweak
+from conftest import add_image_task, on_each_state, run_cli, state_env, task_id, tweak
 
 from fetcher import summary as summary_module
 from fetcher.config import Settings
@@ -24,6 +24,9 @@ from fetcher.pipeline import fetch
 from fetcher.progress import NullProgress
 from fetcher.replica import Fault, Replica, file_info, png, pseudo_video, task_response
 from fetcher.summary import Outcome, RunSummary, TaskOutcome
+
+#: Every test here exercises the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
 VIDEOS = 200
 #: Each video's answer waits this long: two downloads at a time get through few of them.
@@ -126,7 +129,11 @@ def test_status_shows_the_head_of_the_queue(
         replica.fault("files", name, Fault(delay=5))
 
     asyncio.run(_queue_only(replica, settings, [later, *reversed(urgent)]))
-    env = {"FETCHER_ARCHIVE": str(settings.archive), "XDG_CONFIG_HOME": str(tmp_path / "nc")}
+    env = {
+        "FETCHER_ARCHIVE": str(settings.archive),
+        "XDG_CONFIG_HOME": str(tmp_path / "nc"),
+        **state_env(settings),
+    }
 
     document = json.loads(run_cli(["status", "--json", "--limit", "4"], env=env).stdout)
     text = run_cli(["status"], env=env).stdout

@@ -14,13 +14,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import add_video_task, archived_files, process_env, run, task_id, tweak
+from conftest import add_video_task, archived_files, on_each_state, process_env, run, task_id, tweak
 
 from fetcher.archive import RESUME_WINDOW, Archive
 from fetcher.config import Settings
 from fetcher.errors import LockedError
 from fetcher.replica import Fault, Replica, file_info, png, pseudo_video, task_response
 from fetcher.summary import Outcome
+
+#: Every test here exercises the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
 
 def work_files(archive: Path) -> list[str]:

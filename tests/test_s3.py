@@ -32,6 +32,7 @@ from fetcher.errors import AuthError, UsageError
 from fetcher.layout import Layout, LayoutFields
 from fetcher.replica import Fault as ReplicaFault
 from fetcher.replica import Replica, png
+from fetcher.state import DatabaseUrl
 from fetcher.stores import BucketUrl
 from fetcher.summary import Outcome
 from fetcher.verify import Problem
@@ -232,6 +233,23 @@ def test_the_snapshot_is_uploaded_only_when_the_state_changed(world: World) -> N
     add_image_task(world.replica, task_id(21))
     run(world.settings, task_id(21))
     assert ("PUT", f"/{world.bucket}/arch/.fetcher/state.sqlite") in world.proxy.requests()
+
+
+def test_a_postgresql_state_keeps_no_snapshot_in_the_bucket(
+    world: World, postgres_url: DatabaseUrl, tmp_path: Path
+) -> None:
+    """With the state in PostgreSQL the bucket gets the files and sidecars and no snapshot,
+    no SQLite file is made here, and another host's run finds the task archived."""
+    tid = task_id(30)
+    add_image_task(world.replica, tid, 2)
+    shared = tweak(world.settings, state=postgres_url)
+
+    assert run(shared, tid).counts[Outcome.ARCHIVED] == 1
+
+    assert not any("/.fetcher/state" in key for key in object_paths(world))
+    assert not (tmp_path / "state.sqlite").exists()
+    elsewhere = tweak(shared, archive=BucketUrl(world.bucket, "arch"))
+    assert run(elsewhere, tid).counts[Outcome.ALREADY_ARCHIVED] == 1
 
 
 def test_a_fresh_host_starts_from_the_snapshot(world: World, tmp_path: Path) -> None:

@@ -7,14 +7,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import add_image_task, process_env, run, run_cli, task_id
+from conftest import (
+    add_image_task,
+    on_each_state,
+    process_env,
+    run,
+    run_cli,
+    state_env,
+    task_id,
+)
 
 from fetcher.config import Settings
 from fetcher.replica import Replica, task_response
 
+#: Every test here exercises the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
-def status_env(archive: Path, tmp_path: Path) -> dict[str, str]:
-    return {"FETCHER_ARCHIVE": str(archive), "XDG_CONFIG_HOME": str(tmp_path / "no-config")}
+
+def status_env(archive: Path, tmp_path: Path, settings: Settings | None = None) -> dict[str, str]:
+    env = {"FETCHER_ARCHIVE": str(archive), "XDG_CONFIG_HOME": str(tmp_path / "no-config")}
+    return env | (state_env(settings) if settings is not None else {})
 
 
 @pytest.fixture
@@ -44,7 +56,7 @@ def test_status_says_how_many_more_and_shows_them_on_request(
     more: int,
 ) -> None:
     """A list cut at the limit ends in "… and N more"; --limit N and --all change the cut."""
-    env = status_env(settings.archive, tmp_path)
+    env = status_env(settings.archive, tmp_path, settings)
 
     text = run_cli(["status", *flags], env=env)
     document = json.loads(run_cli(["status", "--json", *flags], env=env).stdout)
@@ -106,8 +118,8 @@ def test_read_only_archive_can_be_inspected(
     assert run(replace(settings, archive=archive), done, waiting).exit_code == 0
     before = snapshot(archive)
 
-    status = run_cli(["status", "--json"], env=status_env(mount, tmp_path))
-    verify = run_cli(["verify", "--json"], env=status_env(mount, tmp_path))
+    status = run_cli(["status", "--json"], env=status_env(mount, tmp_path, settings))
+    verify = run_cli(["verify", "--json"], env=status_env(mount, tmp_path, settings))
 
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["counts"]["archived"] == 1

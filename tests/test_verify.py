@@ -6,11 +6,9 @@ to the files on disk (or, for expiry, to the database row) the way it happens in
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,9 +20,13 @@ from conftest import (
     add_image_task,
     add_video_task,
     archived_files,
+    on_each_state,
     process_env,
     run,
     run_cli,
+    state_env,
+    state_rows,
+    state_write,
     task_id,
 )
 
@@ -33,6 +35,9 @@ from fetcher.config import Settings
 from fetcher.errors import LockedError, UsageError
 from fetcher.replica import Fault, Replica, png
 from fetcher.verify import VerifyReport, verify_archive
+
+#: Every test here exercises the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
 REPORT_KEYS = {
     "archive",
@@ -60,29 +65,27 @@ def fill(replica: Replica, settings: Settings) -> list[Path]:
     add_image_task(replica, images, count=2)
     add_video_task(replica, video)
     assert run(settings, images, video).exit_code == 0
-    return [settings.archive / row["path"] for row in file_rows(settings.archive)]
+    return [settings.archive / row["path"] for row in file_rows(settings)]
 
 
-def file_rows(archive: Path) -> list[dict[str, Any]]:
+def file_rows(settings: Settings) -> list[dict[str, Any]]:
     """The done file rows, ordered the way verify reads them."""
-    uri = f"{(archive / '.fetcher' / 'state.sqlite').as_uri()}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT task_id, idx, path, size, sha256, expire_time FROM files "
-            "WHERE state = 'done' ORDER BY task_id, idx"
-        ).fetchall()
-    return [dict(r) for r in rows]
+    names = ("task_id", "idx", "path", "size", "sha256", "expire_time")
+    rows = state_rows(
+        settings,
+        f"SELECT {', '.join(names)} FROM files WHERE state = 'done' ORDER BY task_id, idx",
+    )
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
-def expire_in_db(archive: Path, file: Path) -> None:
+def expire_in_db(settings: Settings, file: Path) -> None:
     """Move a file row's ExpireTime into the past, as if the run were eight days ago."""
-    relative = str(file.relative_to(archive))
-    with contextlib.closing(sqlite3.connect(archive / ".fetcher" / "state.sqlite")) as conn:
-        changed = conn.execute(
-            "UPDATE files SET expire_time = '2020-01-01T00:00:00Z' WHERE path = ?", (relative,)
-        ).rowcount
-        conn.commit()
+    relative = str(file.relative_to(settings.archive))
+    changed = state_write(
+        settings,
+        "UPDATE files SET expire_time = '2020-01-01T00:00:00Z' WHERE path = ?",
+        (relative,),
+    )
     assert changed == 1
 
 
@@ -130,7 +133,7 @@ def test_deleted_file_is_missing(replica: Replica, settings: Settings) -> None:
     """A file removed from disk is reported missing, with its task, index and path; exit 1."""
     files = fill(replica, settings)
     files[1].unlink()
-    row = file_rows(settings.archive)[1]
+    row = file_rows(settings)[1]
 
     report = verify(settings)
 
@@ -192,7 +195,7 @@ def test_plain_verify_takes_no_lock_and_sends_nothing(replica: Replica, settings
 def test_repair_restores_byte_identical_files(replica: Replica, settings: Settings) -> None:
     """--repair downloads missing, flipped and truncated files again; the next verify is clean."""
     files = fill(replica, settings)
-    before, rows_before = archived_files(settings.archive), file_rows(settings.archive)
+    before, rows_before = archived_files(settings.archive), file_rows(settings)
     files[0].unlink()
     flip_byte(files[1])
     truncate(files[2])
@@ -204,7 +207,7 @@ def test_repair_restores_byte_identical_files(replica: Replica, settings: Settin
     assert [p["found"] for p in report.to_json()["problems"]] == ["missing", "corrupt", "corrupt"]
     assert report.exit_code == 0
     assert archived_files(settings.archive) == before
-    assert file_rows(settings.archive) == rows_before
+    assert file_rows(settings) == rows_before
     again = verify(settings)
     assert (again.checked, again.ok, again.exit_code) == (3, 3, 0)
 
@@ -214,7 +217,7 @@ def test_repair_of_an_expired_url_is_unrepairable(replica: Replica, settings: Se
     files = fill(replica, settings)
     flip_byte(files[0])
     damaged = files[0].read_bytes()
-    expire_in_db(settings.archive, files[0])
+    expire_in_db(settings, files[0])
     sent = len(replica.seen("files"))
 
     report = verify(settings, repair=True)
@@ -267,7 +270,7 @@ def test_repair_with_different_bytes_is_changed_at_host_and_left_alone(
     """When the host now serves other bytes, plain --repair reports it and changes nothing."""
     files = fill(replica, settings)
     flip_byte(files[0])
-    damaged, rows_before = files[0].read_bytes(), file_rows(settings.archive)
+    damaged, rows_before = files[0].read_bytes(), file_rows(settings)
     sidecar_before = (files[0].parent / "task.json").read_bytes()
     new = png(20, 20, seed=99)
     replica.add_file(f"{task_id(1)}/image_0.png", new)
@@ -279,7 +282,7 @@ def test_repair_with_different_bytes_is_changed_at_host_and_left_alone(
     assert hashlib.sha256(new).hexdigest() in entry["detail"]
     assert report.exit_code == 1
     assert files[0].read_bytes() == damaged
-    assert file_rows(settings.archive) == rows_before
+    assert file_rows(settings) == rows_before
     assert (files[0].parent / "task.json").read_bytes() == sidecar_before
     assert "--accept-changed" in "\n".join(report.lines())
 
@@ -289,7 +292,7 @@ def test_repair_accepting_changes_replaces_and_keeps_the_original_sha256(
 ) -> None:
     """accept_changed: new bytes replace file, row and sidecar; the first sha256 stays."""
     files = fill(replica, settings)
-    first_sha = file_rows(settings.archive)[0]["sha256"]
+    first_sha = file_rows(settings)[0]["sha256"]
     damaged = bytearray(files[0].read_bytes())
     damaged[0] ^= 0xFF
     files[0].write_bytes(bytes(damaged))
@@ -308,7 +311,7 @@ def test_repair_accepting_changes_replaces_and_keeps_the_original_sha256(
         assert new_sha in entry["detail"]
         assert report.exit_code == 0
         assert files[0].read_bytes() == new
-        assert file_rows(settings.archive)[0]["sha256"] == new_sha
+        assert file_rows(settings)[0]["sha256"] == new_sha
         document = json.loads(sidecar.read_text("utf-8"))["files"][0]
         assert (document["sha256"], document["size"]) == (new_sha, len(new))
         assert document["original_sha256"] == first_sha
@@ -359,6 +362,7 @@ def test_repair_while_locked_is_refused(replica: Replica, settings: Settings) ->
     assert not files[0].exists()
 
 
+@pytest.mark.parametrize("state", [None], ids=["sqlite"])  # a shared state is not in a folder
 def test_verify_without_an_archive_is_a_usage_error(tmp_path: Path, settings: Settings) -> None:
     """A folder with no state database is a usage error, and verify creates nothing there."""
     with pytest.raises(UsageError, match="no fetcher archive"):
@@ -392,14 +396,14 @@ def test_cli_verify_exits_0_when_clean_and_1_when_not(replica: Replica, settings
     files = fill(replica, settings)
     archive = str(settings.archive)
 
-    clean = run_cli(["verify", "--archive", archive])
+    clean = run_cli(["verify", "--archive", archive], env=state_env(settings))
     assert clean.returncode == 0, clean.stderr
     assert "3 files checked: 3 ok, 0 missing, 0 corrupt" in clean.stdout
-    quiet = run_cli(["verify", "--archive", archive, "-q"])
+    quiet = run_cli(["verify", "--archive", archive, "-q"], env=state_env(settings))
     assert (quiet.returncode, quiet.stdout) == (0, "")
 
     files[0].unlink()
-    broken = run_cli(["verify", "--archive", archive, "--json"])
+    broken = run_cli(["verify", "--archive", archive, "--json"], env=state_env(settings))
     assert broken.returncode == 1, broken.stderr
     document = json.loads(broken.stdout)
     assert (document["missing"], document["exit_code"]) == (1, 1)
@@ -411,7 +415,10 @@ def test_cli_verify_repair_exits_0_once_repaired(replica: Replica, settings: Set
     data = files[0].read_bytes()
     files[0].unlink()
 
-    result = run_cli(["verify", "--repair", "--no-progress", "--archive", str(settings.archive)])
+    result = run_cli(
+        ["verify", "--repair", "--no-progress", "--archive", str(settings.archive)],
+        env=state_env(settings),
+    )
 
     assert result.returncode == 0, result.stderr
     assert "1 repaired, 0 unrepairable" in result.stdout
@@ -459,7 +466,7 @@ def test_cli_verify_repair_winds_down_on_a_signal(
     )
     sent = len(replica.seen("files"))
     command = [sys.executable, "-m", "fetcher", "verify", "--repair", "--json"]
-    env = process_env(replica, settings.archive, tmp_path)
+    env = process_env(replica, settings.archive, tmp_path) | state_env(settings)
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:

@@ -8,12 +8,14 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, ClassVar, Protocol, Self
 
 from ..layout import safe_segment
 from ..models import RemoteFile, Task, TaskState, format_time, parse_time
@@ -52,11 +54,60 @@ class Step(Protocol):
 class Records(ABC):
     """The tasks and files an archive knows, read and written through the few methods an
     implementation provides (steps, reads), so each of them keeps the same rules.
+
+    Statements are written once, in the SQL both databases speak (``?`` for a
+    parameter; an implementation translates what its own dialect spells otherwise).
     """
+
+    #: The schema version found at open (after migrating, when writable).
+    version: int
+    #: What ``LIMIT ?`` takes to mean no limit.
+    no_limit: ClassVar[int | None] = -1
+    #: Whether another host may write the same state at the same time (no snapshot of it
+    #: is kept beside the archive: the database is the state).
+    shared: ClassVar[bool] = False
+
+    @abstractmethod
+    def __enter__(self) -> Self:
+        """Open (and migrate, when writable) the state."""
+
+    @abstractmethod
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close it; a failed group commit is raised here, never lost."""
 
     @abstractmethod
     def atomic(self) -> AbstractContextManager[Step]:
         """One step: all of it lands, or none of it does."""
+
+    @abstractmethod
+    def grouped(self, loop: asyncio.AbstractEventLoop) -> AbstractContextManager[None]:
+        """Steps of one event-loop turn share a commit, where the implementation can."""
+
+    @abstractmethod
+    def delete(self, sql: str, params: Sequence[object] = ()) -> int:
+        """A DELETE (or UPDATE) outside any step; how many rows it touched."""
+
+    @abstractmethod
+    def query_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        """One statement over many rows."""
+
+    def listen(self, channel: str) -> bool:
+        """Be woken by a ``NOTIFY`` on ``channel`` (:meth:`wait_notice`); False where the
+        database has no such thing (SQLite: its readers look again now and then)."""
+        return False
+
+    def wait_notice(self, timeout: float) -> bool:
+        """After :meth:`listen`: wait up to ``timeout`` seconds for a notice; whether one came."""
+        raise NotImplementedError("this state cannot listen")
+
+    @abstractmethod
+    def has_table(self, name: str) -> bool:
+        """Whether the schema has ``name``: a read-only open of an old archive is not migrated."""
 
     @abstractmethod
     def query_one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
@@ -169,7 +220,7 @@ class Records(ABC):
             "ON CONFLICT (task_id, idx) DO UPDATE SET url = excluded.url, "
             "expire_time = excluded.expire_time, md5 = excluded.md5, "
             "size_hint = excluded.size_hint, file_type = excluded.file_type, "
-            "state = CASE WHEN state = 'done' THEN 'done' ELSE 'wanted' END",
+            "state = CASE WHEN files.state = 'done' THEN 'done' ELSE 'wanted' END",
             (
                 task_id,
                 remote.index,
@@ -312,7 +363,7 @@ class Records(ABC):
         return self.query(
             "SELECT task_id, state, task_type, created_at, first_seen, updated_at, reason "  # noqa: S608
             f"FROM tasks WHERE state IN ({marks}) ORDER BY {order} LIMIT ?",
-            (*states, -1 if limit is None else limit),
+            (*states, self.no_limit if limit is None else limit),
         )
 
     def files_not_done(self, limit: int | None) -> list[FileRow]:
@@ -322,7 +373,7 @@ class Records(ABC):
             for r in self.query(
                 FILE_SELECT + " WHERE state != 'done' AND expire_time IS NOT NULL "
                 "ORDER BY expire_time LIMIT ?",
-                (-1 if limit is None else limit,),
+                (self.no_limit if limit is None else limit,),
             )
         ]
 
@@ -376,7 +427,8 @@ def upsert_text(
         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET prompt = excluded.prompt, "
         "negative_prompt = excluded.negative_prompt, model = excluded.model, "
         "model_version = excluded.model_version "
-        "WHERE (prompt, negative_prompt, model, model_version) IS NOT "
+        "WHERE (task_text.prompt, task_text.negative_prompt, task_text.model, "
+        "task_text.model_version) IS NOT "
         "(excluded.prompt, excluded.negative_prompt, excluded.model, excluded.model_version)",
         (task_id, *words),
     )

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..config import Settings
+    from ..state.address import DatabaseUrl
 
 SCHEME = "s3://"
 #: What a bucket name may hold: S3's rules, plus the upper case and ``_`` older stores allow.
@@ -91,6 +92,8 @@ class ArchiveStore(Protocol):
     name: str
     #: The SQLite state (on this machine, for a bucket too).
     db_path: Path
+    #: Or the PostgreSQL state that takes its place, when the ``state`` setting names one.
+    state_url: DatabaseUrl | None
 
     def exists(self) -> bool:
         """Whether there is an archive here already (its state on this machine)."""
@@ -171,4 +174,12 @@ def open_store(archive: Path | BucketUrl, settings: Settings | None = None) -> A
         return S3Store(archive, settings)
     from .local import Archive
 
-    return Archive(archive)
+    return Archive(archive, database_url(settings))
+
+
+def database_url(settings: Settings | None) -> DatabaseUrl | None:
+    """The PostgreSQL state the settings name, if they name one."""
+    from ..state.address import DatabaseUrl
+
+    state = settings.state if settings is not None else None
+    return state if isinstance(state, DatabaseUrl) else None

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..durable import fsync_dir, make_folders
 from ..errors import ArchiveError, LockedError
+from ..state.address import DatabaseUrl
 from . import Placed
 
 META_DIR = ".fetcher"
@@ -35,8 +36,10 @@ LOCK_POLL = 0.2
 class Archive:
     """One archive root and the paths fetcher uses inside it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, state_url: DatabaseUrl | None = None) -> None:
         self.root = root.expanduser().absolute()
+        #: A PostgreSQL state, several hosts' (None: the SQLite file inside the archive).
+        self.state_url = state_url
         self.name = str(self.root)
         self.meta_dir = self.root / META_DIR
         self.work_dir = self.meta_dir / "work"
@@ -49,7 +52,7 @@ class Archive:
         self._checked: set[str] = set()
 
     def exists(self) -> bool:
-        return self.db_path.is_file()
+        return self.state_url is not None or self.db_path.is_file()
 
     def prepare(self) -> None:
         """Create the archive's folders and clear work files a killed run left behind."""

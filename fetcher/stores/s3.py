@@ -54,6 +54,7 @@ from botocore.exceptions import (
 from ..durable import make_folders
 from ..errors import ArchiveError, LockedError, StoreFailing, StoreRefused
 from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
+from ..state.address import DatabaseUrl
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
 from .s3lock import BucketLock
@@ -356,7 +357,10 @@ class S3Store:
         self.url = url
         self.name = str(url)
         state = settings.state if settings is not None else None
-        self.db_path = state.expanduser().absolute() if state else state_path(url)
+        #: A PostgreSQL state: no SQLite file here, and no snapshot in the bucket.
+        self.state_url = state if isinstance(state, DatabaseUrl) else None
+        local = state if isinstance(state, Path) else None
+        self.db_path = local.expanduser().absolute() if local else state_path(url)
         self.work_dir = self.db_path.with_name(self.db_path.name + ".work")
         options = StoreOptions()
         if settings is not None:
@@ -373,7 +377,7 @@ class S3Store:
         self._settled: list[Path] = []
 
     def exists(self) -> bool:
-        return self.db_path.is_file()
+        return self.state_url is not None or self.db_path.is_file()
 
     async def open(self) -> None:
         try:
@@ -509,9 +513,10 @@ class S3Store:
     async def committed(self) -> None:
         """Store a snapshot of the state when it changed; drop the markers of recorded files.
 
-        Not after the lock was lost: the snapshot is the run's that holds it now.
+        Not after the lock was lost: the snapshot is the run's that holds it now; and
+        none of a PostgreSQL state, which is shared where it is.
         """
-        if self.lock.lost is None:
+        if self.lock.lost is None and self.state_url is None:
             await self.snapshot()
         for marker in self._settled:
             marker.unlink(missing_ok=True)
