@@ -261,6 +261,8 @@ class _Run:
         )
         #: Tasks given to this run that another live run holds: watched until settled.
         self._others: set[str] = set()
+        #: Tasks another run took over from this one (paused past the lease).
+        self._gone: set[str] = set()
         #: Tasks handed to the query workers: the run's number of queries, once read.
         self._queued = 0
         #: First queries' failures that may yet be the key's or the base URL's.
@@ -481,7 +483,10 @@ class _Run:
         return False
 
     def _lost(self, task_id: str) -> None:
-        """Another run took the task over: if it was given to this run, it says so."""
+        """Another run took the task over: if it was given to this run, it says so, once."""
+        if task_id in self._gone:
+            return
+        self._gone.add(task_id)
         if self._leases is not None and self._bookmarks.asked(task_id):
             known = self._leases.holders([task_id])
             state = known[0].state if known else None
@@ -647,6 +652,8 @@ class _Run:
         self.summary.files_downloaded += 1
 
     def _file_done(self, task_id: str, index: int, placed: Placed) -> None:
+        if not self._holds(task_id):
+            return
         self.db.file_done(
             task_id,
             index,
@@ -706,6 +713,8 @@ class _Run:
     def _file_problem(
         self, task_id: str, remote: RemoteFile, reason: str, *, expired: bool
     ) -> None:
+        if not self._holds(task_id):
+            return  # the task's new holder records its files
         state = EXPIRED if expired else FAILED
         self.db.file_failed(task_id, remote.index, state=state, reason=reason)
 
