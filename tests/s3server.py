@@ -116,6 +116,8 @@ class StoreProxy:
     faults: list[Fault] = field(default_factory=list)
     #: For each request with a body: its Content-MD5 header and the MD5 of the body it had.
     digests: list[tuple[str, str | None, str]] = field(default_factory=list)
+    #: For each request with a body: its path and the X-Amz-Content-SHA256 it was signed with.
+    payload_hashes: list[tuple[str, str | None]] = field(default_factory=list)
     #: The most part uploads in flight at once.
     most_parts: int = 0
     #: Set when a held request arrives.
@@ -178,6 +180,8 @@ class StoreProxy:
             digest = base64.b64encode(hashlib.md5(body).digest()).decode()
             with self._lock:
                 self.digests.append((request.path_qs, request.headers.get("Content-MD5"), digest))
+                signed = request.headers.get("X-Amz-Content-SHA256")
+                self.payload_hashes.append((request.path_qs, signed))
         if fault is not None and fault.hold == "before":
             return await self._hold()
         if fault is not None and fault.drop:

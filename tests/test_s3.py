@@ -161,8 +161,8 @@ def test_tasks_become_objects_with_the_folder_archives_names(world: World, tmp_p
     assert "arch/.fetcher/lock" not in objects
 
 
-def test_every_upload_carries_the_md5_of_its_bytes(world: World) -> None:
-    """Each PUT, part or whole, sends a Content-MD5 the store can check the body against."""
+def uploaded_bodies(world: World) -> list[tuple[str, str | None, str]]:
+    """Archive a video (in parts) and a two-image task; each body sent: path, Content-MD5, MD5."""
     tid = task_id(4, "AigcVideoTask")
     add_video_task(world.replica, tid, size=LARGE)
     add_image_task(world.replica, task_id(5), 2)
@@ -175,7 +175,23 @@ def test_every_upload_carries_the_md5_of_its_bytes(world: World) -> None:
         if "/.fetcher/lock" not in d[0] and not ("uploadId=" in d[0] and "partNumber=" not in d[0])
     ]
     assert len(uploads) >= 9  # 5 parts, 2 images, 2 sidecars (and the snapshot)
+    return uploads
+
+
+def test_every_upload_carries_the_md5_of_its_bytes(world: World) -> None:
+    """Each PUT, part or whole, sends a Content-MD5 the store can check the body against."""
+    uploads = uploaded_bodies(world)
+
     assert [(path, sent) for path, sent, actual in uploads if sent != actual] == []
+
+
+def test_upload_bodies_are_hashed_once_not_signed(world: World) -> None:
+    """On plain HTTP too, a body is checked by its Content-MD5, not hashed again to sign it."""
+    uploads = uploaded_bodies(world)
+
+    signed = dict(world.proxy.payload_hashes)
+    assert all(md5 for _, md5, _ in uploads)
+    assert {signed[path] for path, _, _ in uploads} == {"UNSIGNED-PAYLOAD"}
 
 
 def test_moto_takes_a_wrong_content_md5(world: World) -> None:
