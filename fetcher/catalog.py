@@ -29,7 +29,8 @@ from typing import Any
 from .archive import Archive
 from .errors import CatalogError, UsageError
 from .models import format_time, parse_time
-from .state import STATES, TEXT_SCHEMA, Records, StateDB, opt_text
+from .state import STATES, TEXT_SCHEMA, Holder, Records, StateDB, open_state, opt_text
+from .state.schema import POSTGRES_WORDS
 
 #: The most cards one page holds.
 MAX_LIMIT = 1000
@@ -174,6 +175,13 @@ def reading(root: Path) -> Iterator[Catalog]:
 
 
 @contextmanager
+def reading_store(store: Holder) -> Iterator[Catalog]:
+    """The state a store names opened for reading: a shared PostgreSQL one, or its file."""
+    with open_state(store, readonly=True) as db:
+        yield Catalog(db)
+
+
+@contextmanager
 def reading_state(db_path: Path) -> Iterator[Catalog]:
     """The state database at ``db_path`` opened for reading (a bucket's, kept on this machine)."""
     with StateDB(db_path, readonly=True) as db:
@@ -212,7 +220,7 @@ class Catalog:
         where, params, source = self._conditions(query)
         sql = (
             f"SELECT {_CARD_COLUMNS}, {', '.join(self._text)}, {_LISTED_T} "  # noqa: S608
-            f"FROM {source} WHERE {' AND '.join(where) or '1'} "
+            f"FROM {source} WHERE {' AND '.join(where) or 'TRUE'} "
             f"ORDER BY {_LISTED_T} DESC, t.task_id DESC LIMIT ?"
         )
         rows = self._db.query(sql, (*params, query.limit + 1))
@@ -306,6 +314,13 @@ class Catalog:
         finds a page of them in its first rows, where sorting them all would not.
         """
         source = self._from
+        if self._db.dialect == "postgresql":
+            # pg_trgm's GIN index answers LIKE on the words as FTS5's trigrams do; the
+            # planner weighs few matches against walking the newest-first index itself.
+            for word in words:
+                where.append(f"{POSTGRES_WORDS} LIKE ?")
+                params.append("%" + _like_escaped(word.lower()) + "%")
+            return source
         indexed = [w for w in words if self._indexed and len(w) >= TRIGRAM]
         if indexed:
             match = " ".join(_fts_string(w) for w in indexed)
@@ -415,6 +430,11 @@ def terms(text: str) -> list[str]:
     if len(found) > MAX_TERMS:
         raise CatalogError(f"a search takes at most {MAX_TERMS} words, not {len(found)}")
     return list(found)
+
+
+def _like_escaped(word: str) -> str:
+    """``word`` for a LIKE pattern: its ``%``, ``_`` and ``\\`` match only themselves."""
+    return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _fts_string(word: str) -> str:

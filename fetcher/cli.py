@@ -177,7 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_flags(demo)
     _serve_parser(commands)
+    _state_parser(commands)
     return parser
+
+
+def _state_parser(commands: Any) -> None:
+    state = commands.add_parser(
+        "state",
+        help="move an archive's state between SQLite and PostgreSQL",
+        description="Work on an archive's state itself.",
+    )
+    actions = state.add_subparsers(dest="state_command", metavar="ACTION", required=True)
+    copy = actions.add_parser(
+        "copy",
+        help="copy a state into another (SQLite <-> PostgreSQL)",
+        description="Copy every task, file, list file and search word of SOURCE into TARGET. "
+        "Each is a postgresql://USER@HOST/DB URL, an SQLite state file, or an archive folder "
+        "(its own state). Run it while no fetcher writes either.",
+    )
+    copy.add_argument("source", metavar="SOURCE", help="the state to copy (only read)")
+    copy.add_argument("target", metavar="TARGET", help="the state to copy into (made if new)")
+    copy.add_argument(
+        "--replace", action="store_true", help="empty a TARGET that holds tasks first"
+    )
 
 
 def _search_parser(commands: Any) -> None:
@@ -825,26 +847,55 @@ def _search(args: argparse.Namespace) -> int:
 def _searched(args: argparse.Namespace) -> tuple[Any, bool, str]:
     """The catalog a search reads, whether its index is whole, and why it may not be.
 
-    A folder's index is built first when the archive predates it (with a bar). A
-    bucket's state is read here, restored from the bucket's snapshot when this host
-    has none; its index is built by the fetch runs that write it.
+    A PostgreSQL state is read where it is. A folder's index is built first when the
+    archive predates it (with a bar). A bucket's state is read here, restored from the
+    bucket's snapshot when this host has none; its index is built by the fetch runs
+    that write it.
     """
     import contextlib
 
-    from .catalog import reading, reading_state
+    from .catalog import reading, reading_state, reading_store
     from .console import IndexBar
     from .index import index_archive
-    from .stores import BucketUrl, state_here
+    from .stores import BucketUrl, database_url, open_store, state_here
 
     settings = _settings(args)
-    _sqlite_state_only(settings, "search")
     root = settings.archive
+    if database_url(settings) is not None:
+        # A PostgreSQL state is indexed from its first migration on: nothing to build.
+        return reading_store(open_store(root, settings)), True, ""
     if isinstance(root, BucketUrl):
         return reading_state(state_here(root, settings)), True, "the next fetch builds it"
     with contextlib.closing(IndexBar(shown=not args.json)) as bar:
         whole = index_archive(root, bar)
     reason = "another run holds the lock, or the archive is read-only"
     return reading(root), whole, reason
+
+
+def _state(args: argparse.Namespace) -> int:
+    """``state copy``: copy, then index on the target what an older source never indexed."""
+    import contextlib
+
+    from .console import IndexBar
+    from .index import build_index, needs_index
+    from .state import open_state
+    from .state.transfer import StatePlace, copy_state
+
+    source, target = StatePlace.parse(args.source), StatePlace.parse(args.target)
+    if str(source) == str(target):
+        raise UsageError("SOURCE and TARGET are the same state")
+    if source.state_url is None and not source.db_path.is_file():
+        raise UsageError(f"no state at {str(source.db_path)!r}")
+    if target.state_url is None:
+        target.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open_state(source) as read, open_state(target) as written:
+        copied = copy_state(read, written, replace=args.replace)
+        if needs_index(written):
+            with contextlib.closing(IndexBar()) as bar:
+                build_index(written, bar)
+    counts = f"{copied['tasks']} tasks, {copied['files']} files, {copied['lists']} list files"
+    print(f"copied {counts} from {source} to {target}")
+    return 0
 
 
 def _sqlite_state_only(settings: Settings, command: str) -> None:
@@ -985,6 +1036,7 @@ _COMMANDS = {
     "work": _work,
     "demo": _demo,
     "serve": _serve,
+    "state": _state,
 }
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import add_image_task, process_env, run, run_cli, task_id, tweak
+from conftest import add_image_task, process_env, run, run_cli, state_env, task_id, tweak
 
 from fetcher.config import Settings
 from fetcher.errors import ArchiveError, StateUnreachable
-from fetcher.replica import Replica
+from fetcher.replica import Replica, task_response
 from fetcher.state import MIGRATIONS, SCHEMA_VERSION, DatabaseUrl
 from fetcher.state.postgres import PostgresState
 from fetcher.state.schema import POSTGRES_MIGRATIONS
+from fetcher.summary import Outcome
 from tests.pgserver import PostgresServer, free_port
 
 #: A password no server here has: a wrong one, and one a leak would show.
@@ -176,3 +177,42 @@ def test_psycopg_is_imported_only_for_a_postgresql_state(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "False"
+
+
+def test_state_copy_both_ways_then_runs_go_on_from_the_copy(
+    replica: Replica, settings: Settings, postgres_url: DatabaseUrl, tmp_path: Path
+) -> None:
+    """SQLite to PostgreSQL and back: every row comes along, runs on either copy find the
+    archived tasks archived, and a target that holds tasks is refused unless replaced."""
+    done, waiting, later = task_id(1), task_id(2), task_id(3)
+    add_image_task(replica, done, 2, prompt="a zebra at dusk")
+    replica.set_task(waiting, task_response(waiting, status="PROCESSING"))
+    add_image_task(replica, later)
+    assert run(settings, done, waiting).exit_code == 0
+    archive, env = str(settings.archive), {"XDG_CONFIG_HOME": str(tmp_path / "nc")}
+
+    there = run_cli(["state", "copy", archive, postgres_url.dsn], env=env)
+    assert there.returncode == 0, there.stderr
+    assert "copied 2 tasks, 2 files" in there.stdout
+    assert postgres_url.password is not None
+    assert postgres_url.password not in there.stdout + there.stderr
+    shared = tweak(settings, state=postgres_url)
+    with PostgresState(postgres_url) as db:
+        assert db.counts()["archived"] == 1
+        assert db.unfinished_ids() == [waiting]
+    found = run_cli(["search", "zebra", "--archive", archive], env=env | state_env(shared))
+    assert [line.split()[0] for line in found.stdout.splitlines()] == [done], found.stderr
+
+    add_image_task(replica, waiting)
+    summary = run(shared, done, waiting, later, pending=True)
+    assert (summary.counts[Outcome.ALREADY_ARCHIVED], summary.counts[Outcome.ARCHIVED]) == (1, 2)
+
+    refused = run_cli(["state", "copy", postgres_url.dsn, archive], env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--replace" in refused.stderr
+    back = run_cli(["state", "copy", postgres_url.dsn, archive, "--replace"], env=env)
+    assert back.returncode == 0, back.stderr
+    assert "copied 3 tasks" in back.stdout
+    again = run(settings, done, waiting, later)
+    assert again.counts[Outcome.ALREADY_ARCHIVED] == 3
+    assert again.files_downloaded == 0

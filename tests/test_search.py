@@ -11,12 +11,15 @@ import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import (
     ROOT,
+    STATE_KINDS,
     add_image_task,
     add_video_task,
     process_env,
@@ -27,13 +30,17 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fetcher.catalog import Catalog, Query, file_kind, reading, terms
+from fetcher.archive import Archive
+from fetcher.catalog import Catalog, Query, file_kind, reading, reading_store, terms
 from fetcher.config import Settings
 from fetcher.demo import run_demo
 from fetcher.errors import CatalogError, UsageError
 from fetcher.index import build_index, needs_index
 from fetcher.replica import Replica, task_response
-from fetcher.state import TEXT_SCHEMA, StateDB
+from fetcher.state import TEXT_SCHEMA, DatabaseUrl, StateDB
+from fetcher.state.postgres import PostgresState
+from fetcher.state.transfer import copy_state
+from tests.pgserver import PostgresServer
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +51,35 @@ def demo_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+#: Opens the demo archive's catalog: ``with demo_reading() as catalog``.
+Reading = Callable[[], AbstractContextManager[Catalog]]
+
+
+@pytest.fixture(scope="module")
+def demo_postgres(demo_archive: Path, postgres: PostgresServer) -> DatabaseUrl:
+    """The demo archive's state copied into PostgreSQL, once for the module."""
+    url = DatabaseUrl.parse(postgres.database())
+    with StateDB(demo_archive / ".fetcher" / "state.sqlite") as source, PostgresState(url) as db:
+        copy_state(source, db)
+    return url
+
+
+@pytest.fixture(params=STATE_KINDS)
+def demo_reading(request: pytest.FixtureRequest, demo_archive: Path) -> Reading:
+    """The demo archive's catalog, on each state implementation (the same rows in each)."""
+    if request.param == "sqlite":
+        return lambda: reading(demo_archive)
+    url = request.getfixturevalue("demo_postgres")
+    return lambda: reading_store(Archive(demo_archive, url))
+
+
 def _ids(catalog: Catalog, query: Query) -> list[str]:
     return [card.task_id for card in catalog.find(query).cards]
 
 
-def test_search_finds_the_demos_pig(demo_archive: Path) -> None:
+def test_search_finds_the_demos_pig(demo_archive: Path, demo_reading: Reading) -> None:
     """After the demo, a search for "pig" finds the pig, archived, with its image."""
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         cards = catalog.find(Query(text="pig")).cards
     assert len(cards) == 1
     pig = cards[0]
@@ -61,9 +90,9 @@ def test_search_finds_the_demos_pig(demo_archive: Path) -> None:
     assert (demo_archive / pig.files[0].path).is_file()
 
 
-def test_every_recorded_task_is_listed_newest_first_with_its_words(demo_archive: Path) -> None:
+def test_every_recorded_task_is_listed_newest_first_with_its_words(demo_reading: Reading) -> None:
     """Pending and failed tasks are listed with their prompts, as archived ones are."""
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         cards = catalog.find(Query()).cards
         assert catalog.indexed_whole()
     assert {c.state for c in cards} == {"archived", "pending", "failed"}
@@ -72,9 +101,9 @@ def test_every_recorded_task_is_listed_newest_first_with_its_words(demo_archive:
     assert listed == sorted(listed, reverse=True)
 
 
-def test_filters_narrow_the_list(demo_archive: Path) -> None:
+def test_filters_narrow_the_list(demo_reading: Reading) -> None:
     """Type, model and state filters each keep only what they name; facets offer them."""
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         facets = catalog.facets()
         assert facets.task_types == ("AigcImageTask", "AigcVideoTask")
         assert facets.models == ("GEM", "Hunyuan", "Kling")
@@ -108,9 +137,11 @@ def test_filters_narrow_the_list(demo_archive: Path) -> None:
         pytest.param("", 5, id="empty"),
     ],
 )
-def test_search_matches_words_ids_and_models(demo_archive: Path, text: str, expected: int) -> None:
+def test_search_matches_words_ids_and_models(
+    demo_reading: Reading, text: str, expected: int
+) -> None:
     """Every word must be found, in the prompt, negative prompt, model or task ID."""
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         assert len(catalog.find(Query(text=text)).cards) == expected
 
 
@@ -121,9 +152,9 @@ def test_search_matches_words_ids_and_models(demo_archive: Path, text: str, expe
     text=st.text(max_size=80)
     | st.sampled_from(['"', '""', "a AND", "NEAR(", "*", "<script>", "^x"])
 )
-def test_any_text_searches_without_error(demo_archive: Path, text: str) -> None:
+def test_any_text_searches_without_error(demo_reading: Reading, text: str) -> None:
     """Quotes, FTS5 operators, control characters, any Unicode: a search, never an error."""
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         page = catalog.find(Query(text=text))
     assert len(page.cards) <= 5
 
@@ -157,18 +188,18 @@ def test_pages_follow_each_other_to_the_end(replica: Replica, settings: Settings
         pytest.param(Query(text=" ".join(f"w{n}" for n in range(40))), id="words"),
     ],
 )
-def test_bad_queries_are_our_error(demo_archive: Path, query: Query) -> None:
+def test_bad_queries_are_our_error(demo_reading: Reading, query: Query) -> None:
     """A bad cursor, limit, state or too many words: CatalogError, one line, exit 2."""
-    with reading(demo_archive) as catalog, pytest.raises(CatalogError) as raised:
+    with demo_reading() as catalog, pytest.raises(CatalogError) as raised:
         catalog.find(query)
     assert raised.value.exit_code == 2
     assert "\n" not in str(raised.value)
 
 
-def test_card_is_one_task_or_none(demo_archive: Path) -> None:
+def test_card_is_one_task_or_none(demo_archive: Path, demo_reading: Reading) -> None:
     """A card by ID has every file and the sidecar's folder; an unknown ID is None."""
     pig = "1392336703-AigcImageTask-47965947a83db42af4b1e3a74c243531t"
-    with reading(demo_archive) as catalog:
+    with demo_reading() as catalog:
         card = catalog.card(pig)
         assert catalog.card("no-such-task") is None
     assert card is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -32,10 +32,21 @@ CONNECT_TIMEOUT = 10
 #: the other (a number of our own: ``fetcher`` in ASCII).
 MIGRATION_LOCK = 0x66657463686572
 
+
+def _json_path(match: re.Match[str]) -> str:
+    """``json_extract(t.detail, '$.a.b')`` as PostgreSQL's ``(t.detail::json #>> '{a,b}')``."""
+    column, path = match.groups()
+    return f"({column}::json #>> '{{{path.replace('.', ',')}}}')"
+
+
 #: SQLite's spellings that PostgreSQL spells otherwise, in the order they are applied.
-_DIALECT: tuple[tuple[re.Pattern[str], str], ...] = (
+_DIALECT: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
     (re.compile("%"), "%%"),
     (re.compile(r"json_each\(\?\)"), "json_array_elements_text(?::json) AS value"),
+    (re.compile(r"json_extract\((\w+\.\w+), '\$\.([\w.]+)'\)"), _json_path),
+    (re.compile(r"\binstr\("), "strpos("),
+    # A unary plus keeps SQLite's planner off an index; PostgreSQL has no unary plus on text.
+    (re.compile(r"(^|[\s(])\+(?=[A-Za-z_])"), r"\1"),
     (re.compile(r"(\w+(?:\.\w+)?) = \? COLLATE NOCASE"), r"lower(\1) = lower(?)"),
     (re.compile(r"\bIS NOT \("), "IS DISTINCT FROM ("),
     (re.compile(r"\s+WITHOUT ROWID"), ""),
@@ -71,6 +82,7 @@ class PostgresState(Records):
     there is no file to keep untouched.
     """
 
+    dialect: ClassVar[str] = "postgresql"
     no_limit: ClassVar[int | None] = None
     shared: ClassVar[bool] = True
 

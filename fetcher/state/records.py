@@ -61,6 +61,8 @@ class Records(ABC):
 
     #: The schema version found at open (after migrating, when writable).
     version: int
+    #: Which SQL the database speaks beyond what both share: ``sqlite`` or ``postgresql``.
+    dialect: ClassVar[str] = "sqlite"
     #: What ``LIMIT ?`` takes to mean no limit.
     no_limit: ClassVar[int | None] = -1
     #: Whether another host may write the same state at the same time (no snapshot of it
