@@ -566,6 +566,43 @@ def test_a_run_that_loses_its_lock_stops_with_exit_75(
     assert "arch/.fetcher/state.sqlite" not in object_paths(world)
 
 
+def test_a_repair_that_loses_its_lock_stops_with_exit_75(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify --repair under a lock another writer replaces: it stops, stores no snapshot,
+    leaves the other run's lock, and exits 75 with one line."""
+    from fetcher.cli import main
+    from fetcher.stores import s3lock
+
+    monkeypatch.setattr(s3lock, "RENEW", 0.2)
+    for name, value in world.cli_env().items():
+        monkeypatch.setenv(name, value)
+    add_image_task(world.replica, task_id(55))
+    run(world.settings, task_id(55))
+    (key,) = [k for k in object_paths(world) if k.endswith("00.png")]
+    world.client.delete_object(Bucket=world.bucket, Key=key)
+    world.proxy.faults.append(Fault("PUT", "/00.png", hold="before"))
+    world.proxy.clear()
+
+    def intruder() -> None:
+        assert world.proxy.holding.wait(30)
+        plant_lock(world, "elsewhere", 4242)
+
+    thread = threading.Thread(target=intruder)
+    thread.start()
+    code = main(["verify", "--repair", "--no-progress"])
+    thread.join()
+
+    err = capsys.readouterr().err
+    assert code == 75, err
+    assert err.strip().splitlines() == [
+        f"fetcher: error: lost the lock on s3://{world.bucket}/arch: another run took it over;"
+        " this run stopped taking work"
+    ]
+    assert json.loads(world.objects()[LOCK])["host"] == "elsewhere"
+    assert ("PUT", f"/{world.bucket}/arch/.fetcher/state.sqlite") not in world.proxy.requests()
+
+
 def test_a_lock_lapses_by_the_stores_clock() -> None:
     """Last-Modified over 60 s before the answer's Date is lapsed; within it, held."""
     from datetime import UTC, datetime
