@@ -89,17 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="query tasks and archive their files",
         description="Query each task ID and archive its files and a JSON sidecar.",
     )
-    fetch.add_argument(
-        "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
-    )
-    fetch.add_argument(
-        "--id",
-        dest="ids",
-        action="append",
-        default=[],
-        metavar="TASK_ID",
-        help="a task ID (repeatable)",
-    )
+    _id_flags(fetch)
     fetch.add_argument(
         "--pending", action="store_true", help="also re-query every pending task in the archive"
     )
@@ -117,12 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for another run's lock (for SECONDS, or until free) instead of exiting 75; "
         "a word that is not a number after it is a FILE",
     )
-    fetch.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    fetch.add_argument(
-        "--json-lines",
-        action="store_true",
-        help="print each task's outcome as a line of JSON as it happens, then the summary",
-    )
+    _summary_flags(fetch)
+    _lease_flag(fetch)
     _setting_flags(fetch)
     _output_flags(fetch)
 
@@ -174,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(verbose=False)
 
     _search_parser(commands)
+    _enqueue_parser(commands)
+    _work_parser(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -245,7 +233,8 @@ def _search_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="S",
-        help="only tasks in state S: archived, pending, incomplete, failed, expired (repeatable)",
+        help="only tasks in state S: archived, pending, incomplete, failed, expired, queued "
+        "(repeatable)",
     )
     search.add_argument(
         "--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)"
@@ -253,6 +242,93 @@ def _search_parser(commands: Any) -> None:
     search.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
     search.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     _store_flags(search, state=False)  # its --state is a task's; FETCHER_STATE names the file
+
+
+def _id_flags(parser: argparse.ArgumentParser) -> None:
+    """Where task IDs come from: FILE arguments, ``-`` for stdin, ``--id``."""
+    parser.add_argument(
+        "files", nargs="*", metavar="FILE", help="file with one task ID a line; '-' reads stdin"
+    )
+    parser.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="TASK_ID",
+        help="a task ID (repeatable)",
+    )
+
+
+def _enqueue_parser(commands: Any) -> None:
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="record task IDs as queued, for 'fetch --pending' or 'work' to archive",
+        description="Record task IDs as queued in the archive's state, sending no query; "
+        "'fetcher fetch --pending' and 'fetcher work' then archive them.",
+    )
+    _id_flags(enqueue)
+    enqueue.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    enqueue.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    enqueue.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _store_flags(enqueue)
+
+
+def _work_parser(commands: Any) -> None:
+    work = commands.add_parser(
+        "work",
+        help="keep archiving tasks as they are enqueued, until stopped",
+        description="Keep archiving the tasks 'fetcher enqueue' records, as they come, "
+        "and ask about running tasks again now and then; SIGINT/SIGTERM wind it down.",
+    )
+    work.add_argument(
+        "--idle-exit",
+        type=_seconds,
+        metavar="SECONDS",
+        help="exit after SECONDS with nothing queued (default: run until stopped)",
+    )
+    _summary_flags(work)
+    _lease_flag(work)
+    _setting_flags(work)
+    _output_flags(work)
+
+
+def _summary_flags(parser: argparse.ArgumentParser) -> None:
+    """A run's summary as JSON: at the end, or each task's outcome as it happens too."""
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument(
+        "--json-lines",
+        action="store_true",
+        help="print each task's outcome as a line of JSON as it happens, then the summary",
+    )
+
+
+def _lease_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease",
+        type=_lease_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a task stays this run's without renewal, should it die (default 60)",
+    )
+
+
+def _lease_seconds(text: str) -> float:
+    """A lease's length: more than 0 seconds."""
+    seconds = _seconds(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lease: more than 0 seconds")
+    return seconds
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return seconds
 
 
 def _date(text: str) -> Any:
@@ -496,7 +572,6 @@ def _wait_lock(args: argparse.Namespace) -> float | None:
 
 def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     from .console import summary_line
-    from .ids import IdSource
     from .jsonlines import JsonLinesProgress
     from .pipeline import FetchOptions
 
@@ -507,19 +582,13 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     settings.require_api()
     if not (args.files or args.ids or args.pending):
         raise UsageError("nothing to fetch: give FILE, '-' for stdin, --id or --pending")
-    sources = [
-        IdSource.from_stream("<stdin>", _own_stdin())
-        if name == "-"
-        else IdSource.from_path(Path(name))
-        for name in args.files
-    ]
-    if args.ids:
-        sources.append(IdSource.from_values("--id", args.ids))
+    sources = _id_sources(args)
     options = FetchOptions(
         dry_run=args.dry_run,
         pending=args.pending,
         retry_failed=args.retry_failed,
         wait_lock=wait_lock,
+        lease=args.lease,
     )
     with _progress(args) as shown:
         _warn_if_key_in_clear(settings)
@@ -531,6 +600,21 @@ def _fetch_into(args: argparse.Namespace, summary: RunSummary) -> int:
     elif not args.quiet or signum is not None:
         print(summary_line(summary))
     return code
+
+
+def _id_sources(args: argparse.Namespace) -> list[IdSource]:
+    """The sources ``_id_flags`` named, each file opened now (a bad one is exit 2 at once)."""
+    from .ids import IdSource
+
+    sources = [
+        IdSource.from_stream("<stdin>", _own_stdin())
+        if name == "-"
+        else IdSource.from_path(Path(name))
+        for name in args.files
+    ]
+    if args.ids:
+        sources.append(IdSource.from_values("--id", args.ids))
+    return sources
 
 
 def _warn_if_key_in_clear(settings: Settings) -> None:
@@ -660,6 +744,71 @@ async def _until_signal(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     return result, (received[0] if received else None)
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    """``enqueue``: each bad line on stderr as it is read, then one summary."""
+    from .intake import EnqueueSummary, enqueue
+
+    settings = _settings(args)
+    if not (args.files or args.ids):
+        raise UsageError("nothing to enqueue: give FILE, '-' for stdin, or --id")
+    sources = _id_sources(args)
+
+    def invalid(line: object) -> None:
+        print(f"fetcher: {line}", file=sys.stderr)
+
+    summary = EnqueueSummary()
+    _, signum = asyncio.run(
+        _until_signal(
+            lambda stop: enqueue(settings, sources, invalid, stop, summary),
+            "stopping; the IDs queued so far stay queued",
+        )
+    )
+    code = summary.exit_code if signum is None else 128 + signum
+    if args.json:
+        print(json.dumps({**summary.to_json(), "exit_code": code}, indent=2))
+    else:
+        print(
+            f"{summary.queued} queued, {summary.already_known} already known, "
+            f"{summary.invalid} invalid in {summary.archive}"
+        )
+    return code
+
+
+def _work(args: argparse.Namespace) -> int:
+    """``work``: until a signal or ``--idle-exit``; the summary of every pass at the end."""
+    from .console import summary_line
+    from .jsonlines import JsonLinesProgress
+    from .summary import RunSummary
+    from .worker import WorkOptions, work
+
+    if args.json and args.json_lines:
+        raise UsageError("--json and --json-lines are two ways to say one thing: pick one")
+    settings = _settings(args)
+    settings.require_api()
+    summary = RunSummary()
+    options = WorkOptions(idle_exit=args.idle_exit, lease=args.lease)
+    try:
+        with _progress(args) as shown:
+            _warn_if_key_in_clear(settings)
+            progress = JsonLinesProgress(shown, sys.stdout) if args.json_lines else shown
+            _, signum = asyncio.run(
+                _until_signal(
+                    lambda stop: work(settings, options, progress, stop, summary),
+                    "stopping; downloads in flight are kept for the next run",
+                )
+            )
+    except FetcherError as exc:
+        if args.json or args.json_lines:
+            _print_summary(args, summary, exc.exit_code, exc)
+        raise
+    code = summary.exit_code if signum is None else 128 + signum
+    if args.json or args.json_lines:
+        _print_summary(args, summary, code, None)
+    elif not args.quiet or signum is not None:
+        print(summary_line(summary))
+    return code
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -883,6 +1032,8 @@ _COMMANDS = {
     "status": _status,
     "verify": _verify,
     "search": _search,
+    "enqueue": _enqueue,
+    "work": _work,
     "demo": _demo,
     "serve": _serve,
     "state": _state,

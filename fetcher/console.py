@@ -24,6 +24,7 @@ _LEVELS = {
     Outcome.PENDING: logging.INFO,
     Outcome.READY: logging.INFO,
     Outcome.SKIPPED: logging.DEBUG,
+    Outcome.ELSEWHERE: logging.INFO,
     Outcome.FAILED: logging.WARNING,
     Outcome.EXPIRED: logging.WARNING,
     Outcome.INVALID: logging.WARNING,

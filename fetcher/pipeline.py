@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -57,13 +58,14 @@ from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .index import build_index_async
 from .layout import Layout, LayoutFields
+from .lease import DEFAULT_LEASE, Leases
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
 from .progress import NullProgress, Progress
 from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
-from .state import ARCHIVED, EXPIRED, FAILED, Records, StateDB, open_state
+from .state import ARCHIVED, EXPIRED, FAILED, PENDING, Records, StateDB, open_state
 from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
@@ -90,6 +92,8 @@ class FetchOptions:
     retry_failed: bool = False
     #: Seconds to wait for another run's lock (None: fail at once; ``math.inf``: forever).
     wait_lock: float | None = None
+    #: Seconds a task's lease lasts unless renewed (see :mod:`fetcher.lease`).
+    lease: float = DEFAULT_LEASE
 
 
 @dataclass(slots=True)
@@ -168,17 +172,29 @@ async def _locked_run(
     sources: Iterable[IdSource],
     stop: asyncio.Event | None,
 ) -> RunSummary:
-    """The run under the archive's lock; its state handed to the store once closed."""
+    """The run under the archive's lock; its state handed to the store once closed.
+
+    A shared (PostgreSQL) state takes no lock: runs on any host work beside each
+    other, each task under a lease (:mod:`fetcher.lease`), and the work folder's
+    leftovers are not cleaned, since another run may be writing them.
+    """
     # One event for a signal and for a store whose lock was lost: either winds the run down.
     stop = stop if stop is not None else asyncio.Event()
     waiting = functools.partial(
         progress.message, f"waiting for another run's lock on {archive.name}"
     )
-    async with archive.wait_lock(options.wait_lock, stop, waiting) as held:
+    shared = archive.state_url is not None
+    lock = (
+        contextlib.nullcontext(True)
+        if shared
+        else archive.wait_lock(options.wait_lock, stop, waiting)
+    )
+    async with lock as held:
         if not held:
             summary.interrupted = True
             return summary
-        await archive.clean()
+        if not shared:
+            await archive.clean()
         try:
             with open_state(archive) as db:
                 # Once, for an archive recorded before search existed: its own commits.
@@ -238,11 +254,20 @@ class _Run:
         self.summary = summary
         self._bookmarks = BookmarkTracker(db)
         self._seen = FirstSight(db)
+        #: A dry run writes nothing, leases included. On SQLite the run holds the archive's
+        #: lock, so no other run is running: a lease another run left is void.
+        self._leases = (
+            None if options.dry_run else Leases(db, options.lease, exclusive=not db.shared)
+        )
+        #: Tasks given to this run that another live run holds: watched until settled.
+        self._others: set[str] = set()
+        #: Tasks another run took over from this one (paused past the lease).
+        self._gone: set[str] = set()
         #: Tasks handed to the query workers: the run's number of queries, once read.
         self._queued = 0
         #: First queries' failures that may yet be the key's or the base URL's.
         self._held: list[tuple[str, TaskError]] = []
-        self._queue = FileQueue(db)
+        self._queue = FileQueue(db, self._leases)
         #: Download workers waiting for the queue to grow, each on a future of its own:
         #: a task's files wake as many of them as it queued, not every idle worker.
         self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -279,9 +304,12 @@ class _Run:
             if self.options.retry_failed or not files
             else {mark.source: mark for mark, _ in bookmarks(self.db) if mark.source in files}
         )
+        if self._leases is not None:
+            self._leases.begin()
         try:
             async with api, downloader:
                 await self._workers(api, downloader, sources, saved, stop)
+            self._let_go()
         except BaseExceptionGroup as group:
             fatal = _first_fatal(group)
             if isinstance(fatal, FetcherError):
@@ -292,11 +320,20 @@ class _Run:
             self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
+            # Raised only when nothing else is: a state that failed says so once.
+            with contextlib.suppress(ArchiveError):
+                self._let_go()
         if not self.options.dry_run:
             # Interrupted too: whatever was settled before the first open task stays so.
             for reached in self._bookmarks.reached().values():
                 save_bookmark(self.db, reached)
         return self.summary
+
+    def _let_go(self) -> None:
+        """Unregister the run, letting go of the tasks it leaves unsettled; once."""
+        leases, self._leases = self._leases, None
+        if leases is not None:
+            leases.end()
 
     async def _workers(
         self,
@@ -312,6 +349,7 @@ class _Run:
         queries: asyncio.Queue[str | None] = asyncio.Queue(maxsize=n_queries * 4)
         async with asyncio.TaskGroup() as group:
             watcher = group.create_task(_watch(stop)) if stop is not None else None
+            renewer = group.create_task(_renew(self._leases)) if self._leases else None
             group.create_task(self._feed(api, sources, saved, queries, n_queries))
             querying = [
                 group.create_task(self._query_worker(api, queries)) for _ in range(n_queries)
@@ -329,6 +367,8 @@ class _Run:
                 await asyncio.wait(downloading)
             if watcher is not None:
                 watcher.cancel()
+            if renewer is not None:
+                renewer.cancel()
 
     # -- input --------------------------------------------------------------------------
 
@@ -362,6 +402,7 @@ class _Run:
             tracker.mark(NO_FILE)
             await self._admit(self.db.unfinished_ids(), queries, [])
         api.first.expect(self._queued)
+        await self._await_others(queries)
         for _ in range(workers):
             await queries.put(None)
 
@@ -394,6 +435,10 @@ class _Run:
         # archived ones hold nothing back: no need to look them up (the cron case).
         archived = set(before)
         self._bookmarks.sighted(line for line in lines if line[0] not in archived)
+        if self._leases is not None and asking:
+            held = self._leases.claim(asking)
+            self._others.update(t for t in asking if t not in held)
+            asking = [t for t in asking if t in held]
         for task_id in asking:
             self._queued += 1
             await queries.put(task_id)
@@ -401,6 +446,51 @@ class _Run:
             # The cron case: most of a long list. Counted in bulk, no object per task.
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)
             self.progress.archived_before(before)
+
+    async def _await_others(self, queries: asyncio.Queue[str | None]) -> None:
+        """Until another run settles each task it holds, or its lease lapses and this run
+        takes the task over (queried here like any other)."""
+        leases = self._leases
+        while leases is not None and self._others:
+            await asyncio.sleep(min(1.0, leases.seconds / 4))
+            for holder in leases.holders(sorted(self._others)):
+                if holder.run_id is not None and not leases.lapsed(holder):
+                    continue
+                if holder.run_id is None and holder.state in _SETTLED_STATES:
+                    # Its run let go of it settled (a run stopped early lets go of open ones).
+                    self._others.discard(holder.task_id)
+                    self._elsewhere(holder.task_id, holder.state, holder.final)
+                elif leases.claim([holder.task_id]):
+                    self._others.discard(holder.task_id)
+                    self._queued += 1
+                    await queries.put(holder.task_id)
+
+    def _elsewhere(self, task_id: str, state: str | None, final: bool) -> None:
+        """A task given to this run that another run settled."""
+        if state == ARCHIVED or final:
+            self._bookmarks.settled(task_id)
+        reason = f"settled by another run: {state}"
+        self._report(TaskOutcome(task_id, Outcome.ELSEWHERE, reason))
+
+    def _holds(self, task_id: str) -> bool:
+        """Whether this run may settle the task; if not, it is another run's now.
+
+        Called in the same turn as the settling write, just before it.
+        """
+        if self._leases is None or self._leases.guard(task_id):
+            return True
+        self._lost(task_id)
+        return False
+
+    def _lost(self, task_id: str) -> None:
+        """Another run took the task over: if it was given to this run, it says so, once."""
+        if task_id in self._gone:
+            return
+        self._gone.add(task_id)
+        if self._leases is not None and self._bookmarks.asked(task_id):
+            known = self._leases.holders([task_id])
+            state = known[0].state if known else None
+            self._elsewhere(task_id, state, final=bool(known and known[0].final))
 
     # -- queries ------------------------------------------------------------------------
 
@@ -437,6 +527,8 @@ class _Run:
 
     async def _dispatch(self, task: Task) -> None:
         dry = self.options.dry_run
+        if not self._holds(task.task_id):
+            return
         if task.state is TaskState.PENDING:
             if not dry:
                 self.db.record_pending(task)
@@ -560,6 +652,8 @@ class _Run:
         self.summary.files_downloaded += 1
 
     def _file_done(self, task_id: str, index: int, placed: Placed) -> None:
+        if not self._holds(task_id):
+            return
         self.db.file_done(
             task_id,
             index,
@@ -619,6 +713,8 @@ class _Run:
     def _file_problem(
         self, task_id: str, remote: RemoteFile, reason: str, *, expired: bool
     ) -> None:
+        if not self._holds(task_id):
+            return  # the task's new holder records its files
         state = EXPIRED if expired else FAILED
         self.db.file_failed(task_id, remote.index, state=state, reason=reason)
 
@@ -639,12 +735,18 @@ class _Run:
             await self.archive.put_sidecar(PurePosixPath(folder), sidecar)
         problems = [r for r in rows if r.state != "done"]
         if not problems:
-            self.db.mark_archived(task_id)
+            # The lease is checked in the archived row's own transaction, on every state.
+            held = None if self._leases is None else functools.partial(self._leases.held, task_id)
+            if not self.db.mark_archived(task_id, held):
+                self._lost(task_id)
+                return
             # Settled here rather than in _outcome: whether it was open says whether this
             # run was given the task, in the statement that settles it.
             if not self._bookmarks.settled(task_id):
                 self.summary.from_queue += 1
             self._report(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
+            return
+        if not self._holds(task_id):
             return
         if not self._bookmarks.asked(task_id):
             self.summary.from_queue += 1
@@ -666,6 +768,8 @@ class _Run:
     def _settle_failure(
         self, task_id: str, reason: str, *, final: bool, task: Task | None = None
     ) -> None:
+        if not self._holds(task_id):
+            return
         if not self.options.dry_run:
             self.db.record_failure(task_id, reason, final=final, task=task)
         if final:
@@ -678,12 +782,18 @@ class _Run:
         self._report(outcome)
 
     def _report(self, outcome: TaskOutcome) -> None:
+        if self._leases is not None and outcome.outcome in _LET_GO:
+            self._leases.release(outcome.task_id)
         self.summary.add(outcome)
         self.progress.task_done(outcome)
 
 
 #: Outcomes whose answer will not change by asking again.
 _SETTLED = frozenset({Outcome.ARCHIVED, Outcome.EXPIRED, Outcome.SKIPPED})
+#: Task states another run leaves a task in when it settled it (not queued, not mid-download).
+_SETTLED_STATES = frozenset({ARCHIVED, PENDING, FAILED, EXPIRED})
+#: Outcomes after which the run lets go of the task's lease: it settled the task.
+_LET_GO = frozenset({Outcome.ARCHIVED, Outcome.PENDING, Outcome.FAILED, Outcome.EXPIRED})
 
 
 def _one_place(exc: ArchiveError) -> bool:
@@ -697,6 +807,13 @@ def _bug(exc: BaseException, secret: str | None) -> str:
     """A bug in one line: its type and the first line of its text, the key blotted out."""
     text = redact(str(exc).splitlines()[0], secret)[:200] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _renew(leases: Leases) -> None:
+    """Keep the run's leases (and the run) alive: one statement every third of a lease."""
+    while True:
+        await asyncio.sleep(leases.seconds / 3)
+        leases.renew()
 
 
 async def _watch(stop: asyncio.Event) -> None:

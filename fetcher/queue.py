@@ -7,16 +7,19 @@ downloads, a file about to expire is taken before any other in the whole
 archive (whatever run queued it), and a million queued files cost the process
 nothing but their rows on disk.
 
-A download worker *claims* a file in memory only: the run holds the archive's
-lock, so no other process takes from the queue, and a claim that a crash loses
-costs nothing, since the row is still ``wanted`` for the next run.
+A download worker *claims* a file in memory, and its task with a lease
+(:mod:`fetcher.lease`): a file whose task another live run holds is left to
+that run, and a claim that a crash loses costs nothing, since the row is still
+``wanted`` for the run that takes the task over once the lease lapses.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
+from .lease import Leases
 from .models import RemoteFile, parse_time
 from .state import Records, opt_text
 
@@ -48,20 +51,34 @@ class HeadEntry:
 class FileQueue:
     """The queue over one run's state database; claims live as long as the run."""
 
-    def __init__(self, db: Records) -> None:
+    def __init__(self, db: Records, leases: Leases | None = None) -> None:
         self._db = db
+        self._leases = leases
         #: Rowids of files being downloaded now: at most ``--downloads`` of them.
         self._claimed: set[int] = set()
 
     def claim(self) -> QueuedFile | None:
-        """The earliest-expiring wanted file nobody in this run is downloading, or None."""
+        """The earliest-expiring wanted file nobody in this run is downloading, and whose
+        task no other live run holds (the task's lease is this run's now), or None."""
+        if self._leases is None:
+            return self._take("", math.inf)
+        while (item := self._take(self._leases.run_id, self._leases.now())) is not None:
+            if self._leases.claim([item.task_id]):
+                return item
+            # Taken by another run between the two statements: not this run's to download.
+            self._claimed.discard(item.rowid)
+        return None
+
+    def _take(self, run_id: str, now: float) -> QueuedFile | None:
         row = self._db.query_one(
             "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type, "
             "(SELECT dir FROM tasks WHERE tasks.task_id = files.task_id) "
             "FROM files WHERE state = 'wanted' "
             "AND rowid NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) "
+            "AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = files.task_id "
+            "AND leases.run_id != ? AND leases.expires_at >= ?) "
             "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1",
-            (json.dumps(sorted(self._claimed)),),
+            (json.dumps(sorted(self._claimed)), run_id, now),
         )
         if row is None:
             return None

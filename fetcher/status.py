@@ -7,13 +7,14 @@ a long cron run.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
 from .errors import UsageError
+from .lease import live_runs
 from .lists import bookmarks
 from .models import parse_time
 from .queue import queue_head, queue_length
@@ -41,6 +42,8 @@ class StatusReport:
     more: dict[str, int]
     #: The download queue: ``length``, and ``head``, the next files a run downloads.
     queue: dict[str, Any]
+    #: Runs working on the archive now, each with the tasks it holds (fetcher.lease).
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class StatusReport:
             "failures": self.failures,
             "lists": self.lists,
             "queue": self.queue,
+            "runs": self.runs,
         }
 
     def lines(self) -> list[str]:
@@ -91,6 +95,21 @@ class StatusReport:
             ],
             self.queue["length"] - len(head),
         )
+        for run in self.runs:
+            out += _section(
+                f"run {run['run_id']} on {run['host']} (pid {run['pid']}), since "
+                f"{run['started_at']}, holding {run['lease_count']} tasks:",
+                [
+                    f"{lease['task_id']}  "
+                    + (
+                        f"lease for {lease['expires_in_seconds']} s"
+                        if lease["expires_in_seconds"] > 0
+                        else "lease lapsed"
+                    )
+                    for lease in run["leases"]
+                ],
+                run["lease_count"] - len(run["leases"]),
+            ) or [f"run {run['run_id']} on {run['host']} (pid {run['pid']}), holding no task"]
         out += _section(
             "failures:",
             [f"{f['task_id']}  {f['state']}: {f['reason']}" for f in self.failures],
@@ -169,6 +188,7 @@ def archive_status(
             for entry in queue_head(db, limit)
         ]
         queue = {"length": queue_length(db), "head": head}
+        runs = live_runs(db, now.timestamp(), limit) if db.has_table("runs") else []
         lists = [
             {
                 "path": mark.source,
@@ -180,7 +200,7 @@ def archive_status(
             for mark, updated_at in bookmarks(db)
         ]
     return StatusReport(
-        archive.name, counts, files, size, pending, expiring, failures, lists, more, queue
+        archive.name, counts, files, size, pending, expiring, failures, lists, more, queue, runs
     )
 
 

@@ -41,6 +41,8 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"
     #: ``--dry-run``: finished at the API, would have been downloaded.
     READY = "ready"
+    #: Another run held the task's lease and settled it (see :mod:`fetcher.lease`).
+    ELSEWHERE = "elsewhere"
 
 
 #: Outcomes that make the run exit 1: something could not be archived. Each counts

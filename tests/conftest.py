@@ -10,7 +10,8 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,16 @@ def add_image_task(
     return datas
 
 
+def add_running_task(replica: Replica, tid: str) -> None:
+    """A task the API still runs at the first query, finished with one PNG at the next."""
+    url = replica.add_file(f"{tid}/image.png", png(16, 16))
+    replica.set_task(
+        tid,
+        task_response(tid, status="PROCESSING"),
+        task_response(tid, files=[file_info(url)]),
+    )
+
+
 def add_video_task(replica: Replica, tid: str, size: int = 200_000) -> bytes:
     data = pseudo_video(size, seed=size)
     url = replica.add_file(f"{tid}/video.mp4", data, "video/mp4")
@@ -238,3 +249,22 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def start_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python -m fetcher ARGS`` in the background, stdout and stderr captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fetcher", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Poll ``predicate()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)

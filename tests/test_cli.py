@@ -894,6 +894,7 @@ def test_status_json_reports_counts_pending_and_failures(
     report = summary_json(result)
     assert report["counts"] == {
         "archived": 1,
+        "queued": 0,
         "pending": 1,
         "incomplete": 0,
         "failed": 1,

@@ -14,7 +14,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import add_video_task, archived_files, on_each_state, process_env, run, task_id, tweak
+from conftest import (
+    add_image_task,
+    add_video_task,
+    archived_files,
+    on_each_state,
+    process_env,
+    run,
+    task_id,
+    tweak,
+)
 
 from fetcher.archive import RESUME_WINDOW, Archive
 from fetcher.config import Settings
@@ -140,11 +149,16 @@ def test_file_gone_from_every_url_fails_after_one_more_query(
 def test_wait_lock_waits_for_the_other_run(
     replica: Replica, settings: Settings, archive_dir: Path
 ) -> None:
-    """With wait_lock, a run starts as soon as the other holder lets go."""
+    """With wait_lock, a run starts as soon as the other holder lets go (on a shared
+    PostgreSQL state there is no lock: it starts at once)."""
     tid = task_id(5, "AigcVideoTask")
     add_video_task(replica, tid)
     archive = Archive(archive_dir)
     archive.prepare()
+    if settings.state is not None:
+        with archive.lock():
+            assert run(settings, tid, wait_lock=10.0).counts[Outcome.ARCHIVED] == 1
+        return
     holding, released = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -165,10 +179,18 @@ def test_wait_lock_waits_for_the_other_run(
     assert summary.counts[Outcome.ARCHIVED] == 1
 
 
-def test_wait_lock_gives_up_after_its_time(settings: Settings, archive_dir: Path) -> None:
-    """A lock still held after wait_lock seconds is LockedError, saying how long it waited."""
+def test_wait_lock_gives_up_after_its_time(
+    replica: Replica, settings: Settings, archive_dir: Path
+) -> None:
+    """A lock still held after wait_lock seconds is LockedError, saying how long it waited
+    (on a shared PostgreSQL state there is no lock to wait for)."""
     archive = Archive(archive_dir)
     archive.prepare()
+    if settings.state is not None:
+        add_image_task(replica, task_id(6))
+        with archive.lock():
+            assert run(settings, task_id(6), wait_lock=0.3).counts[Outcome.ARCHIVED] == 1
+        return
     with archive.lock(), pytest.raises(LockedError, match=r"waited 0\.3 s"):
         run(settings, task_id(6), wait_lock=0.3)
 

@@ -90,6 +90,7 @@ def test_status_json_carries_every_count_zeros_included(replica: Replica, tmp_pa
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["counts"] == {
         "archived": 0,
+        "queued": 0,
         "pending": 1,
         "incomplete": 0,
         "failed": 0,

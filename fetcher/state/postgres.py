@@ -204,6 +204,19 @@ class PostgresState(Records):
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
+    def listen(self, channel: str) -> bool:
+        """``LISTEN``: a step that sends ``NOTIFY`` on ``channel`` wakes :meth:`wait_notice`."""
+        self.query(f"LISTEN {channel}")
+        return True
+
+    def wait_notice(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a notice (run it on a thread)."""
+        psycopg = _psycopg()
+        try:
+            return any(True for _ in self.conn.notifies(timeout=timeout, stop_after=1))
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
     def has_table(self, name: str) -> bool:
         row = self.query_one("SELECT to_regclass(?) IS NOT NULL", (name,))
         return bool(row and row[0])

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self
@@ -26,6 +26,7 @@ from .rows import (
     FILE_SELECT,
     INCOMPLETE,
     PENDING,
+    QUEUED,
     STATES,
     FileRow,
     file_row,
@@ -97,6 +98,15 @@ class Records(ABC):
     def query_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         """One statement over many rows."""
 
+    def listen(self, channel: str) -> bool:
+        """Be woken by a ``NOTIFY`` on ``channel`` (:meth:`wait_notice`); False where the
+        database has no such thing (SQLite: its readers look again now and then)."""
+        return False
+
+    def wait_notice(self, timeout: float) -> bool:
+        """After :meth:`listen`: wait up to ``timeout`` seconds for a notice; whether one came."""
+        raise NotImplementedError("this state cannot listen")
+
     @abstractmethod
     def has_table(self, name: str) -> bool:
         """Whether the schema has ``name``: a read-only open of an old archive is not migrated."""
@@ -112,10 +122,11 @@ class Records(ABC):
     # -- input ------------------------------------------------------------------------
 
     def unfinished_ids(self) -> list[str]:
-        """Tasks a ``--pending`` run re-queries: still running, or interrupted mid-download."""
+        """Tasks a ``--pending`` run queries: enqueued, still running, or interrupted
+        mid-download."""
         rows = self.query(
-            "SELECT task_id FROM tasks WHERE state IN (?, ?) ORDER BY first_seen",
-            (PENDING, INCOMPLETE),
+            "SELECT task_id FROM tasks WHERE state IN (?, ?, ?) ORDER BY first_seen",
+            (QUEUED, PENDING, INCOMPLETE),
         )
         return [str(r[0]) for r in rows]
 
@@ -260,10 +271,17 @@ class Records(ABC):
                 (task_id, index),
             )
 
-    def mark_archived(self, task_id: str) -> None:
-        """The commit point: only after every file is in place and the sidecar written."""
+    def mark_archived(self, task_id: str, held: Callable[[Step], bool] | None = None) -> bool:
+        """The commit point: only after every file is in place and the sidecar written.
+
+        With ``held``, only if it says, in the same transaction, that the run still
+        holds the task's lease (fetcher/lease.py); returns whether the row was written.
+        """
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             self._upsert_task(conn, task_id, state=ARCHIVED, final=1, reason=None)
+        return True
 
     # -- reading ----------------------------------------------------------------------
 

@@ -12,13 +12,15 @@ from ..models import format_time
 BATCH = 2000
 
 #: Task states.
+#: Named by ``fetcher enqueue`` and not asked about yet (fetcher/intake.py).
+QUEUED = "queued"
 PENDING = "pending"
 INCOMPLETE = "incomplete"
 ARCHIVED = "archived"
 FAILED = "failed"
 EXPIRED = "expired"
 #: Every task state, in the order reports list them.
-STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED)
+STATES = (ARCHIVED, PENDING, INCOMPLETE, FAILED, EXPIRED, QUEUED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,25 @@ _NEWEST = (
     "ON tasks (state, COALESCE(created_at, first_seen), task_id)",
 )
 
+#: Migration 5, the same on both databases: the runs working on the state and their
+#: leases on tasks (fetcher/lease.py). Times are Unix seconds (a double: PostgreSQL's
+#: REAL would round them to minutes); a run or a lease not renewed by then has lapsed.
+_RUNS = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id      TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         BIGINT NOT NULL,
+        started_at  TEXT NOT NULL,
+        alive_until DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS leases (
+        task_id    TEXT PRIMARY KEY,
+        run_id     TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS leases_by_run ON leases (run_id)",
+)
+
 #: The schema, as ordered migrations: entry ``n`` brings a database from
 #: ``PRAGMA user_version`` ``n`` to ``n + 1``, in one transaction, never dropping
 #: data. A change to the schema is a new entry at the end, never an edit.
@@ -122,6 +141,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT OR REPLACE INTO meta VALUES ('text_index', CASE WHEN EXISTS "
         "(SELECT 1 FROM tasks WHERE detail IS NOT NULL) THEN 'partial' ELSE 'whole' END)",
     ),
+    # 5: the runs working on the state and their leases on tasks (fetcher/lease.py).
+    _RUNS,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The first schema with the search index (task_text, task_search).
@@ -213,6 +234,8 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "(SELECT 1 FROM tasks WHERE detail IS NOT NULL) THEN 'partial' ELSE 'whole' END) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     ),
+    # 5: runs and their leases.
+    _RUNS,
 )
 #: The words a task is found by on PostgreSQL, as migration 4's GIN index holds them
 #: (``x``: task_text), lower-cased: ``LIKE`` on it is what SQLite's trigram index does.

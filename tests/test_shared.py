@@ -1,0 +1,157 @@
+"""Several runs on one PostgreSQL state at once: no lock, each task under a lease.
+
+Every process here is a real ``fetcher`` against the replica, sharing one archive
+folder and one throwaway PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import (
+    add_image_task,
+    add_video_task,
+    process_env,
+    run_cli,
+    start_cli,
+    task_id,
+    wait_for,
+)
+
+from fetcher.replica import Fault, Replica
+from fetcher.state import DatabaseUrl
+
+
+def shared_env(replica: Replica, archive: Path, tmp_path: Path, url: DatabaseUrl) -> dict[str, str]:
+    """A CLI environment whose state is the test's PostgreSQL database."""
+    return process_env(replica, archive, tmp_path) | {"FETCHER_STATE": url.dsn}
+
+
+def start_fetch(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return start_cli(["fetch", "--no-progress", "--json", *args], env)
+
+
+def finish(run: subprocess.Popen[str]) -> dict[str, object]:
+    """The run's ``--json`` summary, once it exited 0."""
+    out, err = run.communicate(timeout=90)
+    assert run.returncode == 0, err
+    summary: dict[str, object] = json.loads(out)
+    return summary
+
+
+def given(summary: dict[str, object]) -> int:
+    """Every task a run was given, as its summary counts them."""
+    keys = ("archived", "already_archived", "elsewhere", "pending", "failed", "skipped")
+    return sum(int(str(summary[k])) for k in keys)
+
+
+def archived_in_state(env: dict[str, str]) -> int:
+    status = run_cli(["status", "--json"], env=env)
+    assert status.returncode == 0, status.stderr
+    counts: dict[str, int] = json.loads(status.stdout)["counts"]
+    return counts["archived"]
+
+
+def test_runs_over_overlapping_lists_archive_each_task_once(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """Three runs at once over overlapping lists: every task archived, each by one run,
+    every file asked for once, and each run accounts for every task it was given."""
+    tids = [task_id(n) for n in range(60)]
+    for tid in tids:
+        add_image_task(replica, tid)
+        replica.fault("files", f"{tid}/image_0.png", Fault(delay=0.05))
+    lists = [tids[:40], tids[10:50], tids[20:]]
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    runs = []
+    for n, part in enumerate(lists):
+        listed = tmp_path / f"ids-{n}.txt"
+        listed.write_text("\n".join(part) + "\n")
+        runs.append(start_fetch(env, str(listed), "--downloads", "2"))
+
+    summaries = [finish(run) for run in runs]
+
+    assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
+    assert [given(s) for s in summaries] == [len(part) for part in lists]
+    files = [s.path for s in replica.seen("files")]
+    assert sorted(files) == sorted(set(files))
+    assert archived_in_state(env) == len(tids)
+
+
+def test_a_killed_runs_task_is_taken_over_once_its_lease_lapses(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """A run SIGKILLed mid-download holds its task until the lease lapses; then the other
+    run takes it over, resumes the partial file and archives it."""
+    slow = task_id(0, "AigcVideoTask")
+    add_video_task(replica, slow, size=3_000_000)
+    replica.fault("files", f"{slow}/video.mp4", Fault(drop_after=2_500_000, stall=10.0))
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    first = start_fetch(env, "--id", slow, "--lease", "2")
+    wait_for(lambda: sum(p.stat().st_size for p in archive_dir.rglob("*.part")) >= 2**20)
+    second = start_fetch(env, "--id", slow, "--lease", "2")
+    time.sleep(1.0)  # the second run waits: the first is alive and renewing
+    assert second.poll() is None
+    killed_at = time.monotonic()
+    first.kill()
+    first.communicate(timeout=30)
+
+    summary = finish(second)
+
+    assert summary["archived"] == 1
+    assert time.monotonic() - killed_at >= 1.0  # not before the lease lapsed
+    video = [s for s in replica.seen("files") if s.path.endswith("video.mp4")]
+    assert len(video) == 2
+    assert video[1].headers.get("Range", "").startswith("bytes=")
+
+
+def test_a_run_paused_past_its_lease_does_not_commit_over_the_new_holder(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """SIGSTOP past the lease: another run takes the task over and archives it; the paused
+    run, continued, finishes its download but reports the task as settled elsewhere."""
+    slow = task_id(0, "AigcVideoTask")
+    add_video_task(replica, slow, size=500_000)
+    replica.fault("files", f"{slow}/video.mp4", Fault(delay=3.0))
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    paused = start_fetch(env, "--id", slow, "--lease", "1")
+    wait_for(lambda: replica.seen("files"))
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        other = finish(start_fetch(env, "--id", slow, "--lease", "5"))
+    finally:
+        paused.send_signal(signal.SIGCONT)
+
+    late = finish(paused)
+
+    assert other["archived"] == 1
+    assert (late["archived"], late["elsewhere"]) == (0, 1)
+    assert archived_in_state(env) == 1
+    status = run_cli(["status", "--json"], env=env)
+    assert json.loads(status.stdout)["failures"] == []
+
+
+def test_enqueue_while_two_work_runs_drain(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """IDs enqueued while two ``work`` runs drain are each archived once, by one of them."""
+    tids = [task_id(n) for n in range(20)]
+    for tid in tids:
+        add_image_task(replica, tid)
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    workers = [start_cli(["work", "--no-progress", "--idle-exit", "3", "--json"], env)]
+    workers.append(start_cli(["work", "--no-progress", "--idle-exit", "3", "--json"], env))
+    for batch in (tids[:10], tids[10:]):
+        assert run_cli(["enqueue", "-"], env=env, stdin="\n".join(batch)).returncode == 0
+        time.sleep(0.5)
+
+    summaries = [finish(worker) for worker in workers]
+
+    assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
+    files = [s.path for s in replica.seen("files")]
+    assert sorted(files) == sorted(set(files))
+    assert archived_in_state(env) == len(tids)
