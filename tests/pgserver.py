@@ -103,6 +103,20 @@ class PostgresServer:
         if (self.data / "postmaster.pid").exists():
             self._run(str(bindir() / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
 
+    def restart(self) -> None:
+        """Stop the server at once and start it again: every connection to it is lost."""
+        self._run(
+            str(bindir() / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "log"),
+            "-m",
+            "immediate",
+            "-w",
+            "restart",
+        )
+
     def url(self, database: str, *, password: str | None = None) -> str:
         """A ``postgresql://`` URL to ``database`` over TCP, with the password in it."""
         secret = self.password if password is None else password

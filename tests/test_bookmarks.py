@@ -7,16 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import add_image_task, task_id
+from conftest import add_image_task, on_each_state, task_id
 
 from fetcher.config import Settings
 from fetcher.ids import IdSource, InvalidId, Mark, iter_entries
 from fetcher.lists import bookmarks
 from fetcher.pipeline import FetchOptions, fetch_sync
 from fetcher.replica import Replica, file_info, png, task_response
-from fetcher.state import StateDB
+from fetcher.state import open_state
 from fetcher.status import archive_status
+from fetcher.stores import open_store
 from fetcher.summary import Outcome, RunSummary
+
+#: Every run here records bookmarks in the state: each runs on SQLite and on PostgreSQL.
+settings = pytest.fixture(name="settings")(on_each_state)
 
 
 def run_file(settings: Settings, path: Path, **options: Any) -> RunSummary:
@@ -29,7 +33,7 @@ def queried(replica: Replica) -> list[str]:
 
 
 def saved(settings: Settings, path: Path) -> Mark | None:
-    with StateDB(settings.archive / ".fetcher" / "state.sqlite") as db:
+    with open_state(open_store(settings.archive, settings)) as db:
         return next((m for m, _ in bookmarks(db) if m.source == str(path.resolve())), None)
 
 
@@ -204,7 +208,7 @@ def test_pending_task_seen_twice_holds_back_every_list_it_is_in(
     assert first.counts[Outcome.PENDING] == 1
     mark = saved(settings, path)
     assert mark is None or mark.lines <= 1
-    lists = archive_status(settings.archive).lists
+    lists = archive_status(settings.archive, settings=settings).lists
     assert all(e["lines"] <= 1 for e in lists if e["path"] == str(path.resolve()))
 
     cron = run_file(settings, path)
