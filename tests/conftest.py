@@ -31,6 +31,18 @@ from tests.s3server import AWS_USER_VARIABLES, MotoServer, aws_credentials
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The user's data and cache folders (a bucket's state and work folder, thumbnails) in
+    a folder of the session's own, for the tests and every process they start: the suite
+    leaves nothing in the home of whoever runs it."""
+    base = tmp_path_factory.mktemp("user")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(base / "data"))
+        patch.setenv("XDG_CACHE_HOME", str(base / "cache"))
+        yield
+
+
 @pytest.fixture
 def replica() -> Iterator[Replica]:
     """A running replica of the gateway and the file host."""
