@@ -25,6 +25,12 @@ import psycopg
 
 #: The superuser of the throwaway cluster.
 USER = "postgres"
+#: Waits for the test process ($1) to end, then runs the rest (the server's stop) and
+#: removes the cluster's folder ($2).
+_WATCH = (
+    'pid=$1 dir=$2; shift 2; while kill -0 "$pid" 2>/dev/null; do sleep 1; done; '
+    '"$@"; rm -rf "$dir"'
+)
 
 
 def bindir() -> Path:
@@ -53,6 +59,7 @@ class PostgresServer:
         self.port = 0
         self._names = itertools.count(1)
         self._as: list[str] = []
+        self._watch: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Self:
         if os.geteuid() == 0:
@@ -92,11 +99,23 @@ class PostgresServer:
             "-w",
             "start",
         )
+        # A session killed before its teardown (a timeout's SIGTERM) leaves no server behind.
+        stop = [*self._as, str(bin_ / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
+        self._watch = subprocess.Popen(
+            ["sh", "-c", _WATCH, "watch", str(os.getpid()), str(self.folder), *stop],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self._watch is not None:
+            self._watch.terminate()
+            self._watch.wait()
 
     def stop(self) -> None:
         """Stop the server at once (``immediate``: a crash, as far as clients can tell)."""
