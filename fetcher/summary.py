@@ -174,8 +174,20 @@ class RunSummary:
     #: Tasks this run was not given whose files it took from the download queue an
     #: earlier run left, and settled; each is also counted under its outcome.
     from_queue: int = 0
+    #: Set by a run made of passes (``fetcher work``): the tasks last counted as
+    #: pending, so a task asked about again in a later pass moves to its new outcome
+    #: instead of being counted twice. Only pending tasks are kept: no other outcome
+    #: is followed by another in the same run, so a long-running worker holds no more
+    #: than the tasks still running at the API.
+    pending_ids: set[str] | None = None
 
     def add(self, outcome: TaskOutcome) -> None:
+        if self.pending_ids is not None:
+            if outcome.task_id in self.pending_ids:
+                self.pending_ids.discard(outcome.task_id)
+                self.counts[Outcome.PENDING] -= 1
+            if outcome.outcome is Outcome.PENDING:
+                self.pending_ids.add(outcome.task_id)
         self.counts[outcome.outcome] += 1
         if outcome.outcome is not Outcome.ALREADY_ARCHIVED:
             self.tasks.append(outcome)

@@ -92,6 +92,9 @@ async def work(
     progress = progress or NullProgress()
     stop = stop or asyncio.Event()
     summary = summary if summary is not None else RunSummary()
+    # Every task counted once, by where it ended: a running task is asked about pass
+    # after pass, and the README's sum (archived + ... + skipped) is the tasks given.
+    summary.pending_ids = set()
     store = open_store(settings.archive, settings)
     summary.archive = store.name
     if not await fetch_state(store):
