@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .lease import SKIP_LOCKED, Leases
 from .models import RemoteFile, parse_time
-from .state import Records, Step, opt_text
+from .state import Records, Step, opt_text, redone
 
 #: The queue's order, written out in each statement: earliest expiry first, files
 #: without an ExpireTime last, then the order they came in. It matches the
@@ -60,6 +60,7 @@ class FileQueue:
         #: Rowids of files being downloaded now: at most ``--downloads`` of them.
         self._claimed: set[int] = set()
 
+    @redone
     def claim(self) -> QueuedFile | None:
         """The earliest-expiring wanted file nobody in this run is downloading, and whose
         task no other live run holds (the task's lease is this run's now), or None."""
