@@ -459,29 +459,42 @@ class _Run:
         # archived ones hold nothing back: no need to look them up (the cron case).
         archived = set(before)
         self._bookmarks.sighted(line for line in lines if line[0] not in archived)
-        if self._leases is not None and asking:
-            # Not those another run holds, nor those another run settled since first_sight
-            # read them: those wait in _others for what their run made of them.
-            held = self._leases.claim(asking, retry_failed=self.options.retry_failed)
-            self._others.update(t for t in asking if t not in held)
-            asking = [t for t in asking if t in held]
-            if self.db.shared:
-                # Answered already, its files in the queue (another run asked, or one that
-                # stopped): a download is what it needs, from whichever run is free. A
-                # link that lapsed meanwhile is asked for again by the file's download.
-                queued = [t for t in asking if (k := known.get(t)) and k.state == INCOMPLETE]
-                for task_id in queued:
-                    self._hand_over(task_id)
-                self._wake(len(queued))
-                handed = set(queued)
-                asking = [t for t in asking if t not in handed]
-        for task_id in asking:
-            self._queued += 1
-            await queries.put(task_id)
+        # On a shared state a run claims what its query workers are about to take, a
+        # slice at a time as they take it: runs given the same list share it out, rather
+        # than the first to claim taking it all and the others waiting for it. Under the
+        # archive's lock no other run is running: the batch is claimed at once.
+        size = self.settings.concurrency if self.db.shared else max(len(asking), 1)
+        for start in range(0, len(asking), size):
+            part = asking[start : start + size]
+            if self._leases is not None:
+                # Not those another run holds, nor those another run settled since
+                # first_sight read them: those wait in _others for what becomes of them.
+                held = self._leases.claim(part, retry_failed=self.options.retry_failed)
+                self._others.update(t for t in part if t not in held)
+                part = self._to_ask([t for t in part if t in held])
+            for task_id in part:
+                self._queued += 1
+                await queries.put(task_id)
         if before:
             # The cron case: most of a long list. Counted in bulk, no object per task.
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)
             self.progress.archived_before(before)
+
+    def _to_ask(self, held: list[str]) -> list[str]:
+        """Of tasks this run just claimed, those to ask the API about.
+
+        On a shared state, one answered already, its files in the queue (another run
+        asked, or one that stopped), needs a download, not a question: it is handed to
+        the queue, for whichever run has a download worker free. A link that lapsed
+        meanwhile is asked for again by the file's download.
+        """
+        if not held or self._leases is None or not self.db.shared:
+            return held
+        queued = {h.task_id for h in self._leases.holders(held) if h.state == INCOMPLETE}
+        for task_id in queued:
+            self._hand_over(task_id)
+        self._wake(len(queued))
+        return [t for t in held if t not in queued]
 
     async def _await_others(self, queries: asyncio.Queue[str | None]) -> None:
         """Until another run settles each task it holds, or its lease lapses and this run
