@@ -470,7 +470,10 @@ class _Run:
                 # Not those another run holds, nor those another run settled since
                 # first_sight read them: those wait in _others for what becomes of them.
                 held = self._leases.claim(part, retry_failed=self.options.retry_failed)
-                self._others.update(t for t in part if t not in held)
+                # Not one this run settled meanwhile, its files come through the shared
+                # queue to this run's own workers: that is counted already.
+                others = [t for t in part if t not in held]
+                self._others.update(self._bookmarks.still_asked(others) if others else ())
                 part = self._to_ask([t for t in part if t in held])
             for task_id in part:
                 self._queued += 1
