@@ -11,15 +11,18 @@ added to its access logs). Two rows are yardsticks rather than rivals: curl maki
 fetcher's queries as well as its downloads, in (a), and ``md5sum`` over (c)'s file,
 the hashing that curl does not do. Row (h) archives (a)'s and (c)'s files into a
 bucket on moto's server over loopback, beside curl's download followed by ``rclone
-copy`` (``bench/bucket.py``); it runs only when named.
+copy`` (``bench/bucket.py``); it runs only when named. So does row (g): (a)'s files
+served slowly, archived by one run and by four runs at once sharing a PostgreSQL
+state (``bench/fleet.py``).
 
-    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f,h,i] [--out bench/out] [--quick]
+    python bench/run.py [--runs N] [--workloads a,b,c,d,e,f,g,h,i] [--out bench/out] [--quick]
     python bench/run.py --profile --workloads a,b    # fetcher under py-spy instead
 
 Needs nginx, aria2c, curl and md5sum on PATH (``apt-get install -y nginx aria2 curl``)
 and is run with the Python that has fetcher installed. It installs nothing. Row (h)
 also needs rclone (``apt-get install -y rclone``) and fetcher's ``test`` extra
-(aiobotocore, ``moto[server]``) in that Python.
+(aiobotocore, ``moto[server]``) in that Python; row (g) PostgreSQL's server
+(``apt-get install -y postgresql``) and psycopg (fetcher's ``postgres`` extra).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import bucket
+import fleet
 import s3server
 from catalog import CatalogRow
 from catalog import measure as catalog_row
@@ -160,6 +164,8 @@ class Bench:
     served: dict[str, Served] = field(default_factory=dict)
     #: Row (i), when measured: the catalog's queries over 100,000 tasks.
     catalog: CatalogRow | None = None
+    #: Row (g), when measured: each process of each measure, and what they left.
+    fleet: fleet.FleetRow | None = None
 
     @property
     def api_dir(self) -> Path:
@@ -184,8 +190,20 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "d": Workload("d", "re-run of (a) over the finished archive", 2000, 0, ("fetcher",)),
         "e": Workload("e", "1,000,000 IDs, all already archived", 1_000_000, 0, ("fetcher", RERUN)),
         "f": Workload("f", "100,000 new IDs, every one pending", 100_000, 0, ("fetcher",)),
+        fleet.ROW: fleet_workload(quick),
         bucket.ROW: Workload(bucket.ROW, "(a) and (c) into a bucket", 0, 0, ()),
     }
+
+
+def fleet_workload(quick: bool) -> Workload:
+    """Row (g): (a)'s kind of tasks (fewer in ``--quick``), by one run and by four at once."""
+    tasks = fleet.QUICK_TASKS if quick else 2000
+    title = (
+        f"{tasks:,} tasks x one 256 KiB file at {fleet.RATE} per connection, state in "
+        f"PostgreSQL: 1 run with --downloads {fleet.SINGLE_DOWNLOADS}, {fleet.RUNS} runs at "
+        f"once with --downloads {fleet.SHARED_DOWNLOADS} each"
+    )
+    return Workload(fleet.ROW, title, tasks, 256 * KiB, (fleet.SINGLE, fleet.SHARED))
 
 
 def bucket_parts(quick: bool) -> list[Workload]:
@@ -258,6 +276,8 @@ def shm_needed(selected: Sequence[Workload]) -> int:
             peak = max(peak, 300 * MiB)
         elif w.key == bucket.ROW:  # served, curl's copy, moto's parts and the object they make
             peak = max(peak, 5 * workloads(False)["c"].file_size)
+        elif w.key == fleet.ROW:  # distinct files, served and archived once (one measure at a time)
+            peak = max(peak, 2 * w.total_bytes + 128 * MiB)
         else:  # only (a)'s files are distinct; (b) hard-links one file; (c) adds a 64 MiB twin
             data = w.total_bytes if w.key == "a" else w.file_size
             peak = max(peak, data + w.total_bytes + 128 * MiB + kept)
@@ -457,6 +477,8 @@ http {{
         listen 127.0.0.1:{files_port};
         access_log {out}/access-files.log bench;
         root {files};
+        # Row (g): its files at a fixed rate per request, as a slow host serves them.
+        location /{fleet_row}/ {{ limit_rate {fleet_rate}; sendfile_max_chunk {fleet_chunk}; }}
     }}
 }}
 """
@@ -502,6 +524,9 @@ def serve(nginx: str, out: Path, api: Path, files: Path) -> Server:
             files_port=files_port,
             key=API_KEY,
             query_path=QUERY_PATH,
+            fleet_row=fleet.ROW,
+            fleet_rate=fleet.RATE,
+            fleet_chunk=fleet.CHUNK,
         ),
         encoding="utf-8",
     )
@@ -602,8 +627,8 @@ def become_subreaper() -> None:
         raise SystemExit(f"bench: prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
 
 
-def run_child(argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: float) -> Child:
-    """Run ``argv`` with stdout/stderr to files; wall time and peak RSS from ``wait4``.
+def launch(argv: Sequence[str], env: dict[str, str], log_dir: Path) -> int:
+    """Start ``argv`` with stdout/stderr to files in ``log_dir``; its pid, now our child.
 
     ``sh`` starts the tool in the background, writes its pid to a pipe and exits; the
     tool, now our child (we are its subreaper), is waited for with ``wait4``, whose
@@ -612,7 +637,6 @@ def run_child(argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: 
     read_end, write_end = os.pipe()
     script = f'"$@" {write_end}>&- & echo $! >&{write_end}'
     with (log_dir / "stdout").open("wb") as out, (log_dir / "stderr").open("wb") as err:
-        start = time.perf_counter()
         try:
             shell = subprocess.Popen(  # noqa: S603
                 [SH, "-c", script, "sh", *argv],
@@ -627,24 +651,69 @@ def run_child(argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: 
         with os.fdopen(read_end, "rb") as pipe:
             pid = int(pipe.read())
         shell.wait()
-        fired = threading.Event()
+    return pid
 
-        def kill() -> None:
-            fired.set()
-            os.kill(pid, signal.SIGKILL)
 
-        timer = threading.Timer(timeout, kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(pid, 0)
-        except BaseException:
+def run_child(argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: float) -> Child:
+    """Run ``argv`` (see :func:`launch`); wall time and peak RSS from ``wait4``."""
+    start = time.perf_counter()
+    pid = launch(argv, env, log_dir)
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.wait4(pid, 0)
+        raise
+    finally:
+        timer.cancel()
+    wall = time.perf_counter() - start
+    return Child(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss, fired.is_set())
+
+
+def run_together(
+    argvs: Sequence[Sequence[str]], env: dict[str, str], log_dirs: Sequence[Path], timeout: float
+) -> tuple[float, list[Child]]:
+    """Start every ``argv`` at once (see :func:`launch`); the set's wall, from the first
+    start to the last exit, and how each child ended (its wall from its own start).
+
+    Each child is reaped by its own pid every 10 ms (``WNOHANG``), never by waiting
+    for any child, so nginx or another server of the harness is not reaped here.
+    """
+    first = time.perf_counter()
+    running: dict[int, tuple[int, float]] = {}  # pid: its index, when it started
+    ended: dict[int, Child] = {}
+    killed: set[int] = set()
+    try:
+        for n, (argv, log_dir) in enumerate(zip(argvs, log_dirs, strict=True)):
+            start = time.perf_counter()
+            running[launch(argv, env, log_dir)] = (n, start)
+        while running:
+            time.sleep(0.01)
+            for pid in list(running):
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+                if done:
+                    n, start = running.pop(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    wall = time.perf_counter() - start
+                    ended[n] = Child(code, wall, usage.ru_maxrss, pid in killed)
+            if time.perf_counter() - first > timeout:
+                for pid in set(running) - killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+    except BaseException:
+        for pid in running:
             os.kill(pid, signal.SIGKILL)
             os.wait4(pid, 0)
-            raise
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - start
-    return Child(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss, fired.is_set())
+        raise
+    return time.perf_counter() - first, [ended[n] for n in range(len(argvs))]
 
 
 def command(bench: Bench, tool: str, name: str, outdir: Path) -> list[str]:
@@ -839,6 +908,9 @@ def describe(m: Measure) -> str:
 def run_workload(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None:
     if w.key == bucket.ROW:
         run_bucket(bench, logs, runs)
+        return
+    if w.key == fleet.ROW:
+        run_fleet(bench, logs, w, runs)
         return
     say(f"({w.key}) {w.title}: building in {bench.work}")
     started = time.perf_counter()
@@ -1224,6 +1296,7 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
         "--auto-file-renaming=false -q`  ",
         "md5sum, in (c): `md5sum FILE` (the file nginx serves, read where it lies in /dev/shm)",
         *(bucket_commands() if bucket.ROW in bench.args.workloads else []),
+        *(fleet_commands() if fleet.ROW in bench.args.workloads else []),
         "",
         "MB = 10^6 bytes. Requests are the lines nginx's access logs gained during the run "
         "(API + files). Peak RSS is the tool's own `ru_maxrss` from `wait4` (forked by a "
@@ -1242,12 +1315,17 @@ def report(bench: Bench, info: dict[str, str], help_walls: list[float]) -> str:
         "| workload | target | measured (median) | limit | met |",
         "| --- | --- | ---: | ---: | --- |",
     ]
-    for t in targets(tables, help_wall):
+    found = targets(tables, help_wall)
+    if bench.fleet is not None:
+        found += [Target(*t) for t in bench.fleet.targets()]
+    for t in found:
         met = "n/a" if t.met is None else ("yes" if t.met else "**no**")
         lines.append(f"| {t.workload} | {t.goal} | {t.measured} | {t.limit} | {met} |")
     lines += ["", "## Workloads", ""]
     for w in selected:
         lines += workload_table(w, tables[w.key])
+        if w.key == fleet.ROW and bench.fleet is not None:
+            lines += bench.fleet.lines()
     if bench.catalog is not None:
         lines += bench.catalog.lines()
     if help_walls:
@@ -1404,6 +1482,106 @@ def measure_curl_rclone(
     return out
 
 
+# -- (g): runs sharing a PostgreSQL state ------------------------------------------------
+
+
+def run_fleet(bench: Bench, logs: AccessLogs, w: Workload, runs: int) -> None:
+    """Row (g): (a)'s kind of files, served slowly; one run, then four sharing a state."""
+    say(f"({w.key}) {w.title}: building in {bench.work}")
+    a = dataclasses.replace(workloads(bench.args.quick)["a"], tasks=w.tasks)
+    files = build_files(bench, a, w.key, distinct=True)
+    build_tasks(bench, a, w.key, files)
+    ids = (bench.lists_dir / f"{w.key}.ids").read_text(encoding="utf-8").split()
+    hashes = fleet.expected_hashes(ids, sorted((bench.files_dir / w.key).iterdir()))
+    paths = [url.removeprefix(bench.files_url) for url, _ in files]
+    bench.fleet = fleet.FleetRow(w.tasks)
+    say("  starting PostgreSQL")
+    with fleet.Cluster() as cluster:
+        for run in range(runs):
+            for part in rotated(w.tools, run):
+                m = measure_fleet(bench, logs, cluster, w, part, run, hashes, paths)
+                bench.results.append(m)
+                say(describe(m))
+    drop_download(bench, [w.key])
+
+
+def fleet_command(bench: Bench, name: str, archive: Path, state: str, downloads: int) -> list[str]:
+    """``fetcher fetch`` as in (a), with ``--downloads`` and the state in PostgreSQL."""
+    argv = fetcher_command(bench, name, str(archive))
+    argv[argv.index("--downloads") + 1] = str(downloads)
+    return [*argv, "--state", state]
+
+
+def measure_fleet(
+    bench: Bench,
+    logs: AccessLogs,
+    cluster: fleet.Cluster,
+    w: Workload,
+    part: str,
+    run: int,
+    hashes: dict[str, str],
+    paths: list[str],
+) -> Measure:
+    """One run, or four at once, over a fresh database and archive; then what they left."""
+    assert bench.fleet is not None
+    count = 1 if part == fleet.SINGLE else fleet.RUNS
+    downloads = fleet.SINGLE_DOWNLOADS if count == 1 else fleet.SHARED_DOWNLOADS
+    archive = bench.work / "runs" / f"{w.key}-{count}-{run}"
+    log_root = bench.work / "runs" / f"{w.key}-{count}-{run}.log"
+    log_dirs = [log_root / str(n) for n in range(1, count + 1)]
+    for folder in (archive, *log_dirs):
+        folder.mkdir(parents=True)
+    state = cluster.database()
+    argv = fleet_command(bench, w.key, archive, state, downloads)
+    logs.mark()
+    wall, children = run_together([argv] * count, cluster.env(bench.env), log_dirs, RUN_TIMEOUT)
+    api, files = logs.added()
+    processes = [
+        fleet.Process.of(c.wall, c.rss_kib, c.exit_code, fetcher_summary(d))
+        for c, d in zip(children, log_dirs, strict=True)
+    ]
+    archived, done, left = cluster.counts(state)
+    stored = fleet.check_archive(archive, hashes)
+    served = fleet.count_gets(files, paths)
+    notes = [
+        *(f"process {n}: {e}" for n, (c, d) in enumerate(zip(children, log_dirs, strict=True), 1)
+          if (e := check_exit(c, d))),
+        *(f"process {n}: its summary counts {p.accounted} of {w.tasks} tasks"
+          for n, p in enumerate(processes, 1) if p.accounted != w.tasks),
+        *([f"the state holds {archived} archived tasks and {done} files done"]
+          if (archived, done) != (w.tasks, w.tasks) else []),
+        stored.problem(w.tasks),
+        served.problem(),
+        *(["the file host was sent an Authorization header"]
+          if any(line.endswith(" auth") for line in files) else []),
+    ]  # fmt: skip
+    note = "; ".join(n for n in notes if n)
+    bench.fleet.parts.append(
+        fleet.Part(part, run, wall, processes, archived, done, left, stored, served, note)
+    )
+    result = Measure(
+        w.key, part, run, wall, max(c.rss_kib for c in children),
+        next((c.exit_code for c in children if c.exit_code), 0), len(api), len(files),
+        w.total_bytes, w.tasks, not note, note,
+    )  # fmt: skip
+    shutil.rmtree(archive, ignore_errors=True)
+    drop_log(bench, log_root, note)
+    return result
+
+
+def fleet_commands() -> list[str]:
+    """How (g) runs fetcher, for the report's header (no password in it)."""
+    return [
+        "  ",
+        f"fetcher, in (g): `fetcher fetch IDS --archive DIR --state postgresql://postgres@"
+        f"127.0.0.1:PORT/DB` and the flags above, the password in `PGPASSWORD`: one run with "
+        f"`--downloads {fleet.SINGLE_DOWNLOADS}`, or {fleet.RUNS} started at once, each with "
+        f"`--downloads {fleet.SHARED_DOWNLOADS}` and the whole list, sharing the database "
+        f"and the archive folder; a fresh database and folder for every measure. nginx "
+        f"serves (g)'s files with `limit_rate {fleet.RATE}`",
+    ]
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -1424,7 +1602,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workloads",
         default="a,b,c,d,e,f,i",
         type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
-        help="comma-separated subset of a,b,c,d,e,f,h,i (h, the bucket, only when named)",
+        help="comma-separated subset of a,b,c,d,e,f,g,h,i (g, runs sharing a PostgreSQL "
+        "state, and h, the bucket, only when named)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="report folder")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, (c) 256 MiB")
@@ -1437,7 +1616,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and summarise where its samples go (OUT/profile-W.txt and .md)",
     )
     args = parser.parse_args(argv)
-    known = "abcdef" + bucket.ROW + CATALOG
+    known = "abcdef" + fleet.ROW + bucket.ROW + CATALOG
     unknown = [k for k in args.workloads if k not in known or len(k) != 1]
     if unknown or not args.workloads:
         parser.error(f"unknown workloads {unknown}: choose from {','.join(known)}")
@@ -1450,6 +1629,9 @@ def preflight(args: argparse.Namespace) -> Tools:
     tools, missing = find_tools()
     if tools is not None and bucket.ROW in args.workloads:
         missing = missing_for_bucket(tools)
+        tools = None if missing else tools
+    if tools is not None and fleet.ROW in args.workloads:
+        missing = fleet.missing()
         tools = None if missing else tools
     if tools is None:
         say("bench: missing, install and run again:")
