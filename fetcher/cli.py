@@ -56,6 +56,7 @@ _SETTING_FLAGS = (
     "s3_endpoint",
     "s3_addressing",
     "state",
+    "state_reconnect",
 )
 
 
@@ -438,6 +439,12 @@ def _store_flags(
             metavar="PATH|URL",
             help="a bucket archive's state file (default: user data dir), or for any archive "
             "a shared postgresql://USER@HOST/DB",
+        )
+        parser.add_argument(
+            "--state-reconnect",
+            type=float,
+            metavar="SECONDS",
+            help="how long a run waits for a lost postgresql:// state to come back (default 60)",
         )
 
 

@@ -18,7 +18,7 @@ import os
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import platformdirs
 from .errors import ConfigError, UsageError
 from .layout import DEFAULT_LAYOUT, Layout
 from .sizes import parse_size
-from .state.address import DatabaseUrl, is_database
+from .state.address import DEFAULT_RECONNECT, DatabaseUrl, is_database
 from .stores import BucketUrl, is_bucket
 from .url import InvalidUrl, Url
 
@@ -82,6 +82,8 @@ class Settings:
     #: user data folder; a folder archive keeps its state inside itself), or, for either,
     #: a PostgreSQL database (``postgresql://USER@HOST/DB``) several hosts share.
     state: Path | DatabaseUrl | None = None
+    #: Seconds a run waits for a lost PostgreSQL state to come back before it stops.
+    state_reconnect: float = DEFAULT_RECONNECT
     #: From ``http_proxy``/``https_proxy``/``all_proxy``/``no_proxy``, not a setting of its own.
     proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold a password
 
@@ -89,6 +91,10 @@ class Settings:
         for name in SETTING_NAMES:
             checked = check_setting(name, getattr(self, name))
             object.__setattr__(self, name, checked)  # frozen: the one sanctioned write
+        if isinstance(self.state, DatabaseUrl):
+            # The database's address carries how long to wait for it, to whoever opens it.
+            waiting = replace(self.state, reconnect=self.state_reconnect)
+            object.__setattr__(self, "state", waiting)
 
     def require_api(self) -> tuple[str, str]:
         """The base URL and key, or a usage error saying which one is missing."""
@@ -104,7 +110,7 @@ class Settings:
 #: The names a config file, ``FETCHER_<NAME>`` and flags may set.
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "proxies")
 _INT_SETTINGS = {"concurrency": 1, "downloads": 1, "retries": 0, "max_file_size": 1}
-_FLOAT_SETTINGS = ("timeout", "rate", "retry_wait")
+_FLOAT_SETTINGS = ("timeout", "rate", "retry_wait", "state_reconnect")
 _REQUIRED_TEXT = ("layout", "s3_addressing")
 _TEXT_SETTINGS = ("base_url", "api_key", "layout", "s3_endpoint", "s3_addressing")
 

@@ -87,7 +87,7 @@ class FirstSight:
         if not task_ids:
             return set()
         rows = self._db.query(
-            "INSERT INTO seen SELECT value FROM json_each(?) WHERE true "
+            "INSERT INTO temp.seen SELECT value FROM json_each(?) WHERE true "
             "ON CONFLICT DO NOTHING RETURNING task_id",
             (json.dumps(task_ids),),
         )

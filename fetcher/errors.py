@@ -20,8 +20,10 @@ that task's outcome, so the rest of the run goes on::
     │                                          refused, wrong password, no such database
     ├── LockedError                   exit 75  another run holds the archive
     ├── ArchiveError                  exit 3   the archive or its state cannot be written
-    │   └── StoreFailing              exit 3   the bucket's store still failing after the
-    │                                          retries, or its quota full
+    │   ├── StoreFailing              exit 3   the bucket's store still failing after the
+    │   │                                      retries, or its quota full
+    │   └── StepLost                  exit 3   a state step cut off with its connection
+    │                                          (redone by the functions that allow it)
     ├── InternalError                 exit 70  a bug stopped the run
     └── TaskError                     (per task: recorded, run goes on)
         ├── QueryError                the API could not be queried
@@ -155,6 +157,12 @@ class ArchiveError(FetcherError):
 
 class StoreFailing(ArchiveError):
     """The bucket's store kept failing (5xx, throttling, dropped) after the retries, or is full."""
+
+
+class StepLost(ArchiveError):
+    """A state step was cut off with its connection: none of it committed, and the state has a
+    new connection (or says why not) by the next statement. Functions made of steps alone
+    run again whole (:func:`fetcher.state.redone`); anywhere else it stops the run."""
 
 
 class InternalError(FetcherError):

@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import EXIT_FAILED, EXIT_OK
 from .feed import batches
 from .ids import IdSource, InvalidId, iter_entries
-from .state import FAILED, QUEUED, Records, now_text, open_state
+from .state import FAILED, QUEUED, Records, now_text, open_state, redone
 from .stores import open_store
 
 #: At most this many IDs to a transaction (the lines a batch may gather).
@@ -98,6 +98,7 @@ async def enqueue(
     return summary
 
 
+@redone
 def record_queued(db: Records, task_ids: Sequence[str]) -> int:
     """Queue ``task_ids`` in one transaction; how many were recorded as queued.
 

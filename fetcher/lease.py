@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .state import Records, Step, now_text
+from .state import Records, Step, now_text, redone
 
 #: Default seconds a lease lasts unless renewed (``--lease``).
 DEFAULT_LEASE = 60.0
@@ -73,6 +73,7 @@ class Leases:
         self._clock = clock
         self.run_id = secrets.token_hex(8)
 
+    @redone
     def begin(self) -> None:
         """Register the run (and forget runs long dead)."""
         now = self._clock()
@@ -82,16 +83,18 @@ class Leases:
             )
             self._db.query(
                 "INSERT INTO runs (run_id, host, pid, started_at, alive_until) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING run_id",
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING RETURNING run_id",
                 (self.run_id, socket.gethostname(), os.getpid(), now_text(), now + self.seconds),
             )
 
+    @redone
     def end(self) -> None:
         """Let go of every lease still held (tasks left unsettled) and unregister the run."""
         with self._db.atomic():
             self._db.query("DELETE FROM leases WHERE run_id = ? RETURNING task_id", (self.run_id,))
             self._db.query("DELETE FROM runs WHERE run_id = ? RETURNING run_id", (self.run_id,))
 
+    @redone
     def claim(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those this run holds now; the rest another live run holds."""
         held: set[str] = set()
@@ -112,6 +115,7 @@ class Leases:
                 held.update(str(r[0]) for r in returned)
         return held
 
+    @redone
     def renew(self) -> None:
         """Every lease of this run, and the run itself, good for another :attr:`seconds`."""
         expires = self._clock() + self.seconds
@@ -125,6 +129,7 @@ class Leases:
                 (expires, self.run_id),
             )
 
+    @redone
     def guard(self, task_id: str) -> bool:
         """Whether this run still holds ``task_id``: call it just before a settling write.
 
@@ -154,6 +159,7 @@ class Leases:
         ).fetchone()
         return row is not None
 
+    @redone
     def release(self, task_id: str) -> None:
         """The task is settled by this run: nobody needs to wait for it."""
         with self._db.atomic():

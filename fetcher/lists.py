@@ -8,9 +8,10 @@ run and to ``status``.
 from __future__ import annotations
 
 from .ids import Mark
-from .state import Records, now_text
+from .state import Records, now_text, redone
 
 
+@redone
 def save_bookmark(db: Records, mark: Mark) -> None:
     """Remember how far ``mark.source`` is settled, for the next run to start there."""
     with db.atomic() as conn:

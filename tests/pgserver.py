@@ -84,21 +84,7 @@ class PostgresServer:
         )
         secret.unlink()
         self.port = free_port()
-        options = (
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c full_page_writes=off"
-        )
-        self._run(
-            str(bin_ / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            options,
-            "-l",
-            str(self.folder / "log"),
-            "-w",
-            "start",
-        )
+        self.start()
         # A session killed before its teardown (a timeout's SIGTERM) leaves no server behind.
         stop = [*self._as, str(bin_ / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
         self._watch = subprocess.Popen(
@@ -117,13 +103,34 @@ class PostgresServer:
             self._watch.terminate()
             self._watch.wait()
 
+    def start(self) -> None:
+        """Start the server (again, after :meth:`stop`) on its port; returns once it takes
+        connections."""
+        options = (
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            str(bindir() / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.folder / "log"),
+            "-w",
+            "start",
+        )
+
     def stop(self) -> None:
         """Stop the server at once (``immediate``: a crash, as far as clients can tell)."""
         if (self.data / "postmaster.pid").exists():
             self._run(str(bindir() / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
 
-    def restart(self) -> None:
-        """Stop the server at once and start it again: every connection to it is lost."""
+    def restart(self, mode: str = "immediate") -> None:
+        """Stop the server and start it again: every connection to it is lost. ``fast``
+        ends each session with an administrator's shutdown (57P01), ``immediate`` as a
+        crash does, without a word."""
         self._run(
             str(bindir() / "pg_ctl"),
             "-D",
@@ -131,7 +138,7 @@ class PostgresServer:
             "-l",
             str(self.folder / "log"),
             "-m",
-            "immediate",
+            mode,
             "-w",
             "restart",
         )

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import (
     add_image_task,
-    archived_files,
     process_env,
     run,
     run_cli,
@@ -28,7 +26,7 @@ from conftest import (
 
 from fetcher.config import Settings
 from fetcher.errors import ArchiveError, StateUnreachable
-from fetcher.replica import Fault, Replica, task_response
+from fetcher.replica import Replica, task_response
 from fetcher.state import MIGRATIONS, SCHEMA_VERSION, DatabaseUrl
 from fetcher.state.postgres import PostgresState
 from fetcher.state.schema import POSTGRES_MIGRATIONS
@@ -226,45 +224,3 @@ def test_state_copy_both_ways_then_runs_go_on_from_the_copy(
     again = run(settings, done, waiting, later)
     assert again.counts[Outcome.ALREADY_ARCHIVED] == 3
     assert again.files_downloaded == 0
-
-
-def test_a_database_restarted_mid_run_stops_it_in_one_line_and_marks_nothing_unarchived(
-    postgres: PostgresServer, replica: Replica, settings: Settings, tmp_path: Path
-) -> None:
-    """The server restarted under a run: exit 3 with one line naming it (no password), every
-    task recorded archived has its file in place, and the next run archives the rest."""
-    url = postgres.database()
-    ids = [task_id(n) for n in range(12)]
-    datas = {tid: add_image_task(replica, tid)[0] for tid in ids}
-    for tid in ids:
-        replica.fault("files", f"{tid}/image_0.png", Fault(delay=0.4))
-    env = process_env(replica, settings.archive, tmp_path) | {
-        "FETCHER_STATE": url,
-        "FETCHER_DOWNLOADS": "2",
-    }
-    command = [sys.executable, "-m", "fetcher", "fetch", "-q", *(f"--id={t}" for t in ids)]
-    with subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as proc:
-        deadline = time.monotonic() + 20
-        while len(replica.seen("files")) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)  # polls for the first downloads to be under way
-        postgres.restart()
-        out, err = proc.communicate(timeout=60)
-
-    assert proc.returncode == 3, err
-    assert err.count("\n") == 1 and "the connection was lost" in err, err
-    assert postgres.password not in out + err
-    shared = tweak(settings, state=DatabaseUrl.parse(url))
-    with PostgresState(DatabaseUrl.parse(url)) as db:
-        archived = [
-            str(r[0]) for r in db.query("SELECT task_id FROM tasks WHERE state = ?", ("archived",))
-        ]
-    on_disk = archived_files(settings.archive)
-    for tid in archived:
-        assert [
-            data for path, data in on_disk.items() if tid in path and path.endswith(".png")
-        ] == [datas[tid]]
-    assert len(archived) < len(ids)
-    again = run(shared, *ids)
-    assert again.counts[Outcome.ARCHIVED] + again.counts[Outcome.ALREADY_ARCHIVED] == len(ids)

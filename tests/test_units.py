@@ -1064,6 +1064,7 @@ _ENV_VALUES: dict[str, tuple[str, object]] = {
     "s3_endpoint": ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
     "s3_addressing": ("path", "path"),
     "state": ("/srv/state.sqlite", Path("/srv/state.sqlite")),
+    "state_reconnect": ("5", 5.0),
 }
 
 

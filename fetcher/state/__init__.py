@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .address import DatabaseUrl, is_database
-from .records import Cursor, Records, Step, upsert_text
+from .records import Cursor, Records, Step, redone, upsert_text
 from .rows import (
     ARCHIVED,
     BATCH,
@@ -83,6 +83,7 @@ __all__ = [
     "now_text",
     "open_state",
     "opt_text",
+    "redone",
     "require_fts5",
     "require_sqlite",
     "upsert_text",

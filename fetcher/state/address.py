@@ -10,6 +10,9 @@ from ..errors import UsageError
 
 #: The schemes libpq takes for a connection URI.
 SCHEMES = ("postgresql://", "postgres://")
+#: Seconds a run waits, all attempts together, for a lost state database to come back
+#: (``--state-reconnect``).
+DEFAULT_RECONNECT = 60.0
 
 
 def is_database(text: object) -> bool:
@@ -29,6 +32,8 @@ class DatabaseUrl:
     shown: str
     #: The password written in the URL, if any, to scrub from a server's message.
     password: str | None = field(default=None, repr=False, compare=False)
+    #: Seconds to keep reconnecting once the connection is lost, before the run stops.
+    reconnect: float = field(default=DEFAULT_RECONNECT, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> DatabaseUrl:

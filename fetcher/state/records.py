@@ -9,14 +9,16 @@ sidecar is written, so anything a crash interrupts before it is simply redone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, ParamSpec, Protocol, Self, TypeVar
 
+from ..errors import StepLost
 from ..layout import safe_segment
 from ..models import RemoteFile, Task, TaskState, format_time, parse_time
 from .rows import (
@@ -32,6 +34,30 @@ from .rows import (
     file_row,
     now_text,
 )
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def redone(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``func``, run again whole when one of its steps was cut off with the state's
+    connection (:class:`~fetcher.errors.StepLost`: nothing of that step committed).
+
+    Only for functions whose every effect is their steps' SQL, each step right
+    again if its run was the one that committed (upserts, and checks done in the
+    step that writes): running one twice does what running it once does. The wait
+    for the database is the state's, and bounded there.
+    """
+
+    @functools.wraps(func)
+    def again(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except StepLost:
+                continue
+
+    return again
 
 
 class Cursor(Protocol):
@@ -143,6 +169,7 @@ class Records(ABC):
             (task_id, stamp, stamp, *cols.values()),
         )
 
+    @redone
     def record_pending(self, task: Task) -> None:
         with self.atomic() as conn:
             self._upsert_task(
@@ -156,6 +183,7 @@ class Records(ABC):
             )
             _upsert_text(conn, task)
 
+    @redone
     def record_failure(
         self,
         task_id: str,
@@ -181,6 +209,7 @@ class Records(ABC):
             )
             _upsert_text(conn, task)
 
+    @redone
     def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]] | None:
         """Record a finished task's files, which queues those not done.
 
@@ -234,11 +263,13 @@ class Records(ABC):
             ),
         )
 
+    @redone
     def refresh_file(self, task_id: str, remote: RemoteFile) -> None:
         """A second query gave the file a fresh URL (and maybe ExpireTime)."""
         with self.atomic() as conn:
             self._upsert_file(conn, task_id, remote)
 
+    @redone
     def file_done(
         self,
         task_id: str,
@@ -256,6 +287,7 @@ class Records(ABC):
                 (path, size, sha256, content_type, task_id, index),
             )
 
+    @redone
     def file_failed(self, task_id: str, index: int, *, state: str, reason: str) -> None:
         with self.atomic() as conn:
             conn.execute(
@@ -263,6 +295,7 @@ class Records(ABC):
                 (state, reason, task_id, index),
             )
 
+    @redone
     def requeue_file(self, task_id: str, index: int) -> None:
         """A file recorded done whose bytes are gone from the archive: wanted again."""
         with self.atomic() as conn:
@@ -271,6 +304,7 @@ class Records(ABC):
                 (task_id, index),
             )
 
+    @redone
     def mark_archived(self, task_id: str, held: Callable[[Step], bool] | None = None) -> bool:
         """The commit point: only after every file is in place and the sidecar written.
 
