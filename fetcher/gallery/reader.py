@@ -5,9 +5,10 @@ is not for concurrent use: either way the catalog is opened, asked and closed on
 worker thread, one question at a time, and requests await its answers. Thumbnails
 are made on a second small pool, so a burst of them never holds up a query.
 
-A PostgreSQL state is another server, which may restart while the gallery runs: a
-question that finds the connection lost is asked once more on a new one, and a
-state still out of reach answers that request 503, never the whole gallery.
+A PostgreSQL state is another server, which may restart while the gallery runs: the
+state reconnects by itself for up to ``--state-reconnect`` seconds; past that, the
+question is asked once more on a newly opened state, and a server still out of reach
+answers that request 503 (the next request tries again), never the whole gallery.
 """
 
 from __future__ import annotations
@@ -55,9 +56,6 @@ class Reader:
     def _open(self) -> None:
         db = self._stack.enter_context(open_state(self._holder, readonly=True))
         self._shared = db.shared
-        if db.shared:
-            # The server itself then refuses any write this connection might send.
-            db.query("SET default_transaction_read_only = on")
         self._catalog = Catalog(db)
 
     def _reopen(self) -> None:
