@@ -508,14 +508,15 @@ class _Run:
             for holder in leases.holders(sorted(self._others)):
                 if holder.task_id not in self._others:
                     continue  # settled by this run's own download workers meanwhile
-                if holder.run_id is not None and not leases.lapsed(holder):
-                    continue
-                if holder.run_id is None and holder.state == INCOMPLETE:
-                    # Its files wait in the download queue, let go of by the run that
-                    # asked: this run's download workers may take them as any run's may.
+                if holder.state == INCOMPLETE:
+                    # Answered, its files in the download queue: waited for as a task this
+                    # run handed over, whoever downloads them (a run whose lease lapses
+                    # leaves them to the queue, this run's own workers included).
                     self._others.discard(holder.task_id)
                     self._handed.add(holder.task_id)
                     self._wake(1)
+                elif holder.run_id is not None and not leases.lapsed(holder):
+                    continue
                 elif holder.run_id is None and holder.state in _SETTLED_STATES:
                     # Its run let go of it settled (a run stopped early lets go of open ones).
                     self._others.discard(holder.task_id)
