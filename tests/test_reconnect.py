@@ -89,6 +89,7 @@ def test_a_run_goes_on_after_the_database_restarts(
     _in_place(settings.archive, datas)
     requested = collections.Counter(r.path for r in replica.seen("files"))
     assert set(requested.values()) == {1}, requested
+    assert "connected again to the state database" in err
     assert postgres.password not in out + err
 
 
