@@ -2,15 +2,25 @@
 
 A run registers itself (``runs``: host, pid, until when it is alive) and claims
 each task it works on with a lease (``leases``: the task, the run, when the
-lease lapses). A claim is one atomic UPSERT: it takes a task nobody holds, or
-whose lease lapsed (its run was killed, or paused past it), and leaves a task
-another live run holds to that run. The run renews all its leases, and its own
-row, in one statement every third of the lease, while it works; a run that
-stops being renewed (SIGKILL, SIGSTOP, a lost host) lets its tasks go once the
-lease lapses, and any other run takes them over.
+lease lapses). A claim takes a task nobody holds, or whose lease lapsed (its run
+was killed, or paused past it), and leaves a task another live run holds to that
+run. The run renews all its leases, and its own row, in one statement every
+third of the lease, while it works; a run that stops being renewed (SIGKILL,
+SIGSTOP, a lost host) lets its tasks go once the lease lapses, and any other
+run takes them over.
+
+A claim is one transaction, the queue worker's pattern on PostgreSQL: the lease
+rows it may take over are locked ``FOR UPDATE SKIP LOCKED``, so two runs
+claiming at once pass each other's rows by instead of waiting for them; the
+leases are written; and, in a statement that sees every commit the lease
+writes waited for, a task another run settled meanwhile (archived, or failed
+for good) is let go again. So a run never takes a task another run archived
+between the run's look at the task's state and its claim. On SQLite, whose
+write lock serialises transactions, the same statements run without the lock
+clause.
 
 Whatever settles a task (its archived row above all) is written only under a
-lease the run still holds: :meth:`Leases.guard` checks it, and locks it, in the
+lease the run still holds: :meth:`Leases.held` checks it, and locks it, in the
 settling write's own transaction, so a run that was paused past its lease
 never commits over the run that took the task over.
 
@@ -20,6 +30,7 @@ RETURNING) and runs on SQLite 3.35 and PostgreSQL alike.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -28,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .state import Records, Step, now_text, redone
+from .state import ARCHIVED, Records, Step, now_text, redone
 
 #: Default seconds a lease lasts unless renewed (``--lease``).
 DEFAULT_LEASE = 60.0
@@ -36,6 +47,9 @@ DEFAULT_LEASE = 60.0
 CHUNK = 500
 #: A run's row is forgotten this long after it stopped being renewed (killed runs).
 FORGET_AFTER = 24 * 3600.0
+#: What PostgreSQL adds to a read of the rows a claim means to take: rows another
+#: transaction has locked (its run settling the task, or claiming it) are passed by.
+SKIP_LOCKED = {"postgresql": " FOR UPDATE SKIP LOCKED"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,25 +109,79 @@ class Leases:
             self._db.query("DELETE FROM runs WHERE run_id = ? RETURNING run_id", (self.run_id,))
 
     @redone
-    def claim(self, task_ids: Sequence[str]) -> set[str]:
-        """Of ``task_ids``, those this run holds now; the rest another live run holds."""
+    def claim(self, task_ids: Sequence[str], *, retry_failed: bool = False) -> set[str]:
+        """Of ``task_ids``, those this run holds now; the rest another live run holds, or
+        another run settled: archived, or failed for good (unless ``retry_failed``)."""
+        ids = sorted(set(task_ids))  # one order for every run: their lease writes never cross
         held: set[str] = set()
-        expires = self._clock() + self.seconds
-        with self._db.atomic():
-            for start in range(0, len(task_ids), CHUNK):
-                chunk = list(dict.fromkeys(task_ids[start : start + CHUNK]))
-                rows = ", ".join(["(?, ?, ?)"] * len(chunk))
-                params = [v for task_id in chunk for v in (task_id, self.run_id, expires)]
-                returned = self._db.query(
-                    f"INSERT INTO leases (task_id, run_id, expires_at) VALUES {rows} "  # noqa: S608
-                    "ON CONFLICT (task_id) DO UPDATE SET run_id = excluded.run_id, "
-                    "expires_at = excluded.expires_at "
-                    "WHERE leases.run_id = excluded.run_id OR leases.expires_at < ? "
-                    "RETURNING task_id",
-                    (*params, self.now()),
-                )
-                held.update(str(r[0]) for r in returned)
+        with self._db.atomic() as step:
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start : start + CHUNK]
+                taken = self.take(step, chunk)
+                # A statement of its own, after the lease writes: it sees whatever the
+                # runs they waited for committed before letting go (a settled row first).
+                settled = self._settled(step, taken, retry_failed)
+                if settled:
+                    step.execute(
+                        "DELETE FROM leases WHERE run_id = ? AND task_id IN "
+                        "(SELECT value FROM json_each(?))",
+                        (self.run_id, json.dumps(sorted(settled))),
+                    )
+                held |= taken - settled
         return held
+
+    def take(self, step: Step, task_ids: Sequence[str]) -> set[str]:
+        """The leases of ``task_ids`` no other live run holds, written as this run's inside
+        ``step``'s transaction (and returned); the others are left as they are.
+
+        A lease row another transaction has locked is passed by, not waited for, on
+        PostgreSQL; so is one that exists but is not this run's to take. Only a lease
+        row another claim inserted and has not committed yet is waited for: claims
+        write theirs in task order, so two of them never wait for each other.
+        """
+        marks = json.dumps(list(task_ids))
+        lock = SKIP_LOCKED.get(self._db.dialect, "")
+        now = self.now()
+        takeable = {
+            str(r[0])
+            for r in step.execute(
+                "SELECT task_id FROM leases WHERE task_id IN (SELECT value FROM json_each(?)) "  # noqa: S608
+                f"AND (run_id = ? OR expires_at < ?) ORDER BY task_id{lock}",
+                (marks, self.run_id, now),
+            ).fetchall()
+        }
+        leased = {
+            str(r[0])
+            for r in step.execute(
+                "SELECT task_id FROM leases WHERE task_id IN (SELECT value FROM json_each(?))",
+                (marks,),
+            ).fetchall()
+        }
+        wanted = sorted(t for t in task_ids if t in takeable or t not in leased)
+        if not wanted:
+            return set()
+        rows = step.execute(
+            "INSERT INTO leases (task_id, run_id, expires_at) "
+            "SELECT value, ?, ? FROM json_each(?) WHERE true ORDER BY value "
+            "ON CONFLICT (task_id) DO UPDATE SET run_id = excluded.run_id, "
+            "expires_at = excluded.expires_at "
+            "WHERE leases.run_id = excluded.run_id OR leases.expires_at < ? "
+            "RETURNING task_id",
+            (self.run_id, self._clock() + self.seconds, json.dumps(wanted), now),
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    @staticmethod
+    def _settled(step: Step, task_ids: set[str], retry_failed: bool) -> set[str]:
+        """Of ``task_ids``, those whose state says no run need work on them again."""
+        if not task_ids:
+            return set()
+        rows = step.execute(
+            "SELECT task_id, state, final FROM tasks "
+            "WHERE task_id IN (SELECT value FROM json_each(?)) AND (state = ? OR final != 0)",
+            (json.dumps(sorted(task_ids)), ARCHIVED),
+        ).fetchall()
+        return {str(t) for t, state, _ in rows if state == ARCHIVED or not retry_failed}
 
     @redone
     def renew(self) -> None:
@@ -129,22 +197,10 @@ class Leases:
                 (expires, self.run_id),
             )
 
-    @redone
-    def guard(self, task_id: str) -> bool:
-        """Whether this run still holds ``task_id``: call it just before a settling write.
-
-        On SQLite the check joins the turn's write transaction, and with it the
-        settling write (a run's steps of one turn commit together); on PostgreSQL
-        a step is a transaction of its own, so the archived row is checked inside
-        its own step instead (:meth:`held`).
-        """
-        if self._exclusive:
-            return True  # no other run is running to take it over: nothing to check
-        with self._db.atomic() as step:
-            return self.held(task_id, step)
-
     def held(self, task_id: str, step: Step) -> bool:
-        """Whether this run still holds ``task_id``, checked inside ``step``'s transaction.
+        """Whether this run still holds ``task_id``, checked inside ``step``'s transaction:
+        the settling write's own, before it writes (:class:`~fetcher.state.Records`'s
+        settling methods take it as ``held``).
 
         The lease row is written (to itself), which locks it until the transaction
         ends: on SQLite the database's write lock, on PostgreSQL the row's. A lease

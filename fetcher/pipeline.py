@@ -65,7 +65,7 @@ from .progress import NullProgress, Progress
 from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
-from .state import ARCHIVED, EXPIRED, FAILED, PENDING, Records, StateDB, open_state
+from .state import ARCHIVED, EXPIRED, FAILED, PENDING, Held, Records, StateDB, open_state
 from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
@@ -436,7 +436,9 @@ class _Run:
         archived = set(before)
         self._bookmarks.sighted(line for line in lines if line[0] not in archived)
         if self._leases is not None and asking:
-            held = self._leases.claim(asking)
+            # Not those another run holds, nor those another run settled since first_sight
+            # read them: those wait in _others for what their run made of them.
+            held = self._leases.claim(asking, retry_failed=self.options.retry_failed)
             self._others.update(t for t in asking if t not in held)
             asking = [t for t in asking if t in held]
         for task_id in asking:
@@ -460,7 +462,7 @@ class _Run:
                     # Its run let go of it settled (a run stopped early lets go of open ones).
                     self._others.discard(holder.task_id)
                     self._elsewhere(holder.task_id, holder.state, holder.final)
-                elif leases.claim([holder.task_id]):
+                elif leases.claim([holder.task_id], retry_failed=self.options.retry_failed):
                     self._others.discard(holder.task_id)
                     self._queued += 1
                     await queries.put(holder.task_id)
@@ -472,15 +474,10 @@ class _Run:
         reason = f"settled by another run: {state}"
         self._report(TaskOutcome(task_id, Outcome.ELSEWHERE, reason))
 
-    def _holds(self, task_id: str) -> bool:
-        """Whether this run may settle the task; if not, it is another run's now.
-
-        Called in the same turn as the settling write, just before it.
-        """
-        if self._leases is None or self._leases.guard(task_id):
-            return True
-        self._lost(task_id)
-        return False
+    def _lease_check(self, task_id: str) -> Held | None:
+        """The check a settling write makes in its own transaction, before it writes: that
+        this run still holds the task (None: a dry run, which writes nothing)."""
+        return None if self._leases is None else functools.partial(self._leases.held, task_id)
 
     def _lost(self, task_id: str) -> None:
         """Another run took the task over: if it was given to this run, it says so, once."""
@@ -527,11 +524,10 @@ class _Run:
 
     async def _dispatch(self, task: Task) -> None:
         dry = self.options.dry_run
-        if not self._holds(task.task_id):
-            return
         if task.state is TaskState.PENDING:
-            if not dry:
-                self.db.record_pending(task)
+            if not dry and not self.db.record_pending(task, self._lease_check(task.task_id)):
+                self._lost(task.task_id)
+                return
             reason = f"status {task.status or 'unknown'} at the API"
             self._outcome(TaskOutcome(task.task_id, Outcome.PENDING, reason))
         elif task.state is TaskState.FAILED:
@@ -548,9 +544,11 @@ class _Run:
         queued by an earlier run: the task is finished by whichever settles its last.
         """
         wanted = str(self.layout.render(_layout_fields(task)))
-        started = self.db.start_task(task, wanted)
+        started = self.db.start_task(task, wanted, self._lease_check(task.task_id))
         if started is None:
-            # Its files, queued by an earlier run, came down while this query was out.
+            # Its files, queued by an earlier run, came down while this query was out (and
+            # whoever archived them counted it), or another run took it over: said once.
+            self._lost(task.task_id)
             return
         queued = 0
         for remote in task.files:
@@ -558,7 +556,7 @@ class _Run:
             if kept is None:
                 queued += 1
             elif not (kept.path and self.archive.has_file(kept.path)):
-                self.db.requeue_file(task.task_id, remote.index)
+                self.db.requeue_file(task.task_id, remote.index, self._lease_check(task.task_id))
                 queued += 1
         # Requested even past its ExpireTime: only the host's refusal makes a file
         # expired, never this machine's clock.
@@ -652,16 +650,17 @@ class _Run:
         self.summary.files_downloaded += 1
 
     def _file_done(self, task_id: str, index: int, placed: Placed) -> None:
-        if not self._holds(task_id):
-            return
-        self.db.file_done(
+        done = self.db.file_done(
             task_id,
             index,
             path=placed.path,
             size=placed.size,
             sha256=placed.sha256,
             content_type=placed.content_type,
+            held=self._lease_check(task_id),
         )
+        if not done:
+            self._lost(task_id)
 
     def _bytes_received(self, count: int) -> None:
         """Counted as they arrive, so an interrupted run still says what came down."""
@@ -713,10 +712,11 @@ class _Run:
     def _file_problem(
         self, task_id: str, remote: RemoteFile, reason: str, *, expired: bool
     ) -> None:
-        if not self._holds(task_id):
-            return  # the task's new holder records its files
         state = EXPIRED if expired else FAILED
-        self.db.file_failed(task_id, remote.index, state=state, reason=reason)
+        if not self.db.file_failed(
+            task_id, remote.index, state=state, reason=reason, held=self._lease_check(task_id)
+        ):
+            self._lost(task_id)  # the task's new holder records its files
 
     async def _finish(self, task_id: str) -> None:
         """Every file of the task is settled: write the sidecar, then commit.
@@ -736,8 +736,7 @@ class _Run:
         problems = [r for r in rows if r.state != "done"]
         if not problems:
             # The lease is checked in the archived row's own transaction, on every state.
-            held = None if self._leases is None else functools.partial(self._leases.held, task_id)
-            if not self.db.mark_archived(task_id, held):
+            if not self.db.mark_archived(task_id, self._lease_check(task_id)):
                 self._lost(task_id)
                 return
             # Settled here rather than in _outcome: whether it was open says whether this
@@ -746,15 +745,19 @@ class _Run:
                 self.summary.from_queue += 1
             self._report(TaskOutcome(task_id, Outcome.ARCHIVED, files=count, folder=folder))
             return
-        if not self._holds(task_id):
+        reason = "; ".join(r.reason or r.state for r in problems)
+        all_expired = all(r.state == EXPIRED for r in problems)
+        if not self.db.record_failure(
+            task_id,
+            reason,
+            final=all_expired,
+            state=EXPIRED if all_expired else FAILED,
+            held=self._lease_check(task_id),
+        ):
+            self._lost(task_id)
             return
         if not self._bookmarks.asked(task_id):
             self.summary.from_queue += 1
-        reason = "; ".join(r.reason or r.state for r in problems)
-        all_expired = all(r.state == EXPIRED for r in problems)
-        self.db.record_failure(
-            task_id, reason, final=all_expired, state=EXPIRED if all_expired else FAILED
-        )
         outcome = Outcome.EXPIRED if all_expired else Outcome.FAILED
         self._outcome(TaskOutcome(task_id, outcome, reason, files=count, folder=folder))
 
@@ -768,10 +771,11 @@ class _Run:
     def _settle_failure(
         self, task_id: str, reason: str, *, final: bool, task: Task | None = None
     ) -> None:
-        if not self._holds(task_id):
+        if not self.options.dry_run and not self.db.record_failure(
+            task_id, reason, final=final, task=task, held=self._lease_check(task_id)
+        ):
+            self._lost(task_id)
             return
-        if not self.options.dry_run:
-            self.db.record_failure(task_id, reason, final=final, task=task)
         if final:
             self._bookmarks.settled(task_id)
         self._outcome(TaskOutcome(task_id, Outcome.FAILED, reason))
@@ -782,6 +786,9 @@ class _Run:
         self._report(outcome)
 
     def _report(self, outcome: TaskOutcome) -> None:
+        # Counted once: a task another run held may have come to this one through the
+        # queue once its lease lapsed, and been settled here before _await_others looked.
+        self._others.discard(outcome.task_id)
         if self._leases is not None and outcome.outcome in _LET_GO:
             self._leases.release(outcome.task_id)
         self.summary.add(outcome)

@@ -8,8 +8,11 @@ archive (whatever run queued it), and a million queued files cost the process
 nothing but their rows on disk.
 
 A download worker *claims* a file in memory, and its task with a lease
-(:mod:`fetcher.lease`): a file whose task another live run holds is left to
-that run, and a claim that a crash loses costs nothing, since the row is still
+(:mod:`fetcher.lease`), in one transaction: on PostgreSQL the head row is read
+``FOR UPDATE SKIP LOCKED``, so two runs claiming at once take different files
+and never wait for each other, and the row stays ``wanted`` until the lease on
+its task is written. A file whose task another live run holds is left to that
+run, and a claim that a crash loses costs nothing, since the row is still
 ``wanted`` for the run that takes the task over once the lease lapses.
 """
 
@@ -19,9 +22,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from .lease import Leases
+from .lease import SKIP_LOCKED, Leases
 from .models import RemoteFile, parse_time
-from .state import Records, opt_text
+from .state import Records, Step, opt_text, redone
 
 #: The queue's order, written out in each statement: earliest expiry first, files
 #: without an ExpireTime last, then the order they came in. It matches the
@@ -57,33 +60,41 @@ class FileQueue:
         #: Rowids of files being downloaded now: at most ``--downloads`` of them.
         self._claimed: set[int] = set()
 
+    @redone
     def claim(self) -> QueuedFile | None:
         """The earliest-expiring wanted file nobody in this run is downloading, and whose
         task no other live run holds (the task's lease is this run's now), or None."""
-        if self._leases is None:
-            return self._take("", math.inf)
-        while (item := self._take(self._leases.run_id, self._leases.now())) is not None:
-            if self._leases.claim([item.task_id]):
-                return item
-            # Taken by another run between the two statements: not this run's to download.
-            self._claimed.discard(item.rowid)
-        return None
+        passed: set[int] = set()
+        while True:
+            with self._db.atomic() as step:
+                item = self._take(step, passed)
+                if item is None:
+                    return None
+                if self._leases is None or self._leases.take(step, [item.task_id]):
+                    self._claimed.add(item.rowid)
+                    return item
+            # Its task another run's since the head was read: not this run's to download.
+            passed.add(item.rowid)
 
-    def _take(self, run_id: str, now: float) -> QueuedFile | None:
-        row = self._db.query_one(
-            "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type, "
+    def _take(self, step: Step, passed: set[int]) -> QueuedFile | None:
+        """The head of the queue for this run, locked on PostgreSQL till the step ends."""
+        leases = self._leases
+        run_id, now = ("", math.inf) if leases is None else (leases.run_id, leases.now())
+        row = step.execute(
+            "SELECT rowid, task_id, idx, url, expire_time, md5, size_hint, file_type, "  # noqa: S608
             "(SELECT dir FROM tasks WHERE tasks.task_id = files.task_id) "
             "FROM files WHERE state = 'wanted' "
             "AND rowid NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) "
             "AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.task_id = files.task_id "
             "AND leases.run_id != ? AND leases.expires_at >= ?) "
-            "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1",
-            (json.dumps(sorted(self._claimed)), run_id, now),
-        )
+            "ORDER BY expire_time IS NULL, expire_time, rowid LIMIT 1"
+            + SKIP_LOCKED.get(self._db.dialect, ""),
+            (json.dumps(sorted(self._claimed | passed)), run_id, now),
+        ).fetchone()
         if row is None:
             return None
         rowid, task_id, idx, url, expire, md5, size, file_type, folder = row
-        claimed = QueuedFile(
+        return QueuedFile(
             rowid=int(str(rowid)),
             task_id=str(task_id),
             remote=RemoteFile(
@@ -96,8 +107,6 @@ class FileQueue:
             ),
             folder=str(folder),
         )
-        self._claimed.add(claimed.rowid)
-        return claimed
 
     def release(self, item: QueuedFile) -> None:
         """The worker is done with ``item``, whatever became of it."""

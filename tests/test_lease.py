@@ -26,8 +26,10 @@ from fetcher.archive import Archive
 from fetcher.errors import ArchiveError
 from fetcher.intake import record_queued
 from fetcher.lease import Leases
+from fetcher.models import RemoteFile, Task, TaskState
 from fetcher.replica import Fault, Replica
-from fetcher.state import StateDB
+from fetcher.state import DatabaseUrl, Held, Records, StateDB
+from fetcher.state.postgres import PostgresState
 
 
 class Clock:
@@ -41,14 +43,21 @@ class Clock:
 
 
 @pytest.fixture
-def db(archive_dir: Path) -> Iterator[StateDB]:
+def db(archive_dir: Path, state: DatabaseUrl | None) -> Iterator[Records]:
+    """An empty state, once per implementation."""
     archive = Archive(archive_dir)
     archive.prepare()
-    with StateDB(archive.db_path) as state:
-        yield state
+    with StateDB(archive.db_path) if state is None else PostgresState(state) as opened:
+        yield opened
 
 
-def test_a_task_held_by_a_live_run_is_left_to_it(db: StateDB) -> None:
+def holds(db: Records, leases: Leases, task_id: str) -> bool:
+    """Whether ``leases``' run holds ``task_id``, checked as a settling write does."""
+    with db.atomic() as step:
+        return leases.held(task_id, step)
+
+
+def test_a_task_held_by_a_live_run_is_left_to_it(db: Records) -> None:
     """A second run's claim does not take a task whose lease the first still holds."""
     clock = Clock()
     first, second = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
@@ -60,7 +69,7 @@ def test_a_task_held_by_a_live_run_is_left_to_it(db: StateDB) -> None:
     assert second.claim(["b", "c"]) == {"c"}
 
 
-def test_a_lapsed_lease_is_taken_over(db: StateDB) -> None:
+def test_a_lapsed_lease_is_taken_over(db: Records) -> None:
     """Once a run stops renewing, its tasks go to the next run that claims them."""
     clock = Clock()
     first, second = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
@@ -68,10 +77,10 @@ def test_a_lapsed_lease_is_taken_over(db: StateDB) -> None:
     clock.now += 11
 
     assert second.claim(["a"]) == {"a"}
-    assert second.guard("a")
+    assert holds(db, second, "a")
 
 
-def test_renewal_keeps_a_lease_past_its_first_term(db: StateDB) -> None:
+def test_renewal_keeps_a_lease_past_its_first_term(db: Records) -> None:
     """A run that renews keeps its tasks however long it works on them."""
     clock = Clock()
     first, second = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
@@ -83,7 +92,7 @@ def test_renewal_keeps_a_lease_past_its_first_term(db: StateDB) -> None:
     assert second.claim(["a"]) == set()
 
 
-def test_a_run_paused_past_its_lease_cannot_settle_over_the_new_holder(db: StateDB) -> None:
+def test_a_run_paused_past_its_lease_cannot_settle_over_the_new_holder(db: Records) -> None:
     """The lease check before a settling write fails for the run whose task was taken over."""
     clock = Clock()
     paused, other = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
@@ -92,42 +101,119 @@ def test_a_run_paused_past_its_lease_cannot_settle_over_the_new_holder(db: State
     other.claim(["a"])
     paused.renew()  # it wakes up: its renewal touches only what it still holds
 
-    assert not paused.guard("a")
-    assert other.guard("a")
+    assert not holds(db, paused, "a")
+    assert holds(db, other, "a")
 
 
-def test_the_archived_row_is_written_only_under_a_held_lease(db: StateDB) -> None:
-    """The commit point checks the lease in its own transaction: the old holder's is refused."""
+def taken_over(db: Records) -> tuple[Held, Held]:
+    """Task ``a`` queued, claimed by a run paused past its lease, and taken over by another:
+    the lease checks of the paused run and of the new holder."""
     clock = Clock()
     record_queued(db, ["a"])
     paused, other = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
     paused.claim(["a"])
     clock.now += 30
     other.claim(["a"])
+    return functools.partial(paused.held, "a"), functools.partial(other.held, "a")
 
-    assert not db.mark_archived("a", functools.partial(paused.held, "a"))
+
+def test_the_archived_row_is_written_only_under_a_held_lease(db: Records) -> None:
+    """The commit point checks the lease in its own transaction: the old holder's is refused."""
+    lost, kept = taken_over(db)
+
+    assert not db.mark_archived("a", lost)
     assert db.counts()["archived"] == 0
-    assert db.mark_archived("a", functools.partial(other.held, "a"))
+    assert db.mark_archived("a", kept)
     assert db.counts()["archived"] == 1
 
 
-def test_a_lapsed_lease_nobody_took_is_still_its_runs(db: StateDB) -> None:
+def test_a_lapsed_lease_nobody_took_is_still_its_runs(db: Records) -> None:
     """A run paused past its lease may still settle the task when no other run took it."""
     clock = Clock()
     paused = Leases(db, 10, clock=clock)
     paused.claim(["a"])
     clock.now += 30
 
-    assert paused.guard("a")
+    assert holds(db, paused, "a")
 
 
-def test_an_exclusive_run_takes_over_every_other_lease(db: StateDB) -> None:
+def test_an_exclusive_run_takes_over_every_other_lease(db: Records) -> None:
     """Under the archive's lock, a lease left by a run that is gone is taken at once."""
     clock = Clock()
     gone = Leases(db, 60, clock=clock)
     gone.claim(["a"])
 
     assert Leases(db, 60, exclusive=True, clock=clock).claim(["a"]) == {"a"}
+
+
+def test_a_claim_leaves_a_task_another_run_archived(db: Records) -> None:
+    """A task another run archived and let go of after this run read its state is not
+    taken: the claim sees the archived row in its own transaction, and leaves no lease."""
+    clock = Clock()
+    record_queued(db, ["a", "b"])
+    mine, other = Leases(db, 10, clock=clock), Leases(db, 10, clock=clock)
+    other.claim(["a"])
+    assert db.mark_archived("a", functools.partial(other.held, "a"))
+    other.release("a")
+
+    assert mine.claim(["a", "b"]) == {"b"}
+    assert [h.run_id for h in mine.holders(["a", "b"])] == [None, mine.run_id]
+
+
+def test_a_task_failed_for_good_is_claimed_only_to_retry_it(db: Records) -> None:
+    """A final failure another run recorded is settled, unless the run retries failures."""
+    record_queued(db, ["a"])
+    db.record_failure("a", "ErrCode 70000", final=True)
+    leases = Leases(db, 10, clock=Clock())
+
+    assert leases.claim(["a"]) == set()
+    assert leases.claim(["a"], retry_failed=True) == {"a"}
+
+
+def test_claims_at_once_pass_each_others_leases_by(postgres_url: DatabaseUrl) -> None:
+    """On PostgreSQL a claim does not wait for a lease another claim is taking over and
+    has not committed yet: it leaves that task to the other and takes the rest."""
+    clock = Clock()
+    with PostgresState(postgres_url) as one, PostgresState(postgres_url) as two:
+        Leases(one, 10, clock=clock).claim(["a"])
+        clock.now += 30  # that run is gone: its lease lapsed
+        # Waiting for the other claim's lock would be an error here, not a hang.
+        two.query("SET lock_timeout = '3s'")
+        first, second = Leases(one, 10, clock=clock), Leases(two, 10, clock=clock)
+        with one.atomic() as step:
+            assert first.take(step, ["a"]) == {"a"}
+            assert second.claim(["a", "b"]) == {"b"}
+
+        assert second.claim(["a"]) == set()
+        assert [h.run_id for h in second.holders(["a", "b"])] == [first.run_id, second.run_id]
+
+
+def test_settling_writes_are_refused_to_a_run_that_lost_its_lease(db: Records) -> None:
+    """Pending, failed and file rows, like the archived one, are written only under a lease
+    the run still holds, checked in the write's own transaction."""
+    lost, kept = taken_over(db)
+    running = Task("a", "AigcImageTask", TaskState.PENDING, "PROCESSING")
+    finished = Task(
+        "a",
+        "AigcImageTask",
+        TaskState.FINISHED,
+        "FINISH",
+        files=(RemoteFile(0, "http://h/0", None),),
+    )
+
+    assert not db.record_pending(running, lost)
+    assert not db.record_failure("a", "HTTP 500", final=False, held=lost)
+    assert db.start_task(finished, "a", lost) is None
+    assert db.counts()["queued"] == 1
+    assert db.files_of("a") == []
+    assert db.start_task(finished, "a", kept) is not None
+    assert not db.file_failed("a", 0, state="failed", reason="HTTP 500", held=lost)
+    assert not db.file_done(
+        "a", 0, path="a/00.png", size=1, sha256="0", content_type=None, held=lost
+    )
+    assert [f.state for f in db.files_of("a")] == ["wanted"]
+    assert db.file_done("a", 0, path="a/00.png", size=1, sha256="0", content_type=None, held=kept)
+    assert [f.state for f in db.files_of("a")] == ["done"]
 
 
 def start_fetch(env: dict[str, str], *args: str) -> subprocess.Popen[str]:

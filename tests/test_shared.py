@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
+import pytest
 from conftest import (
     add_image_task,
     add_video_task,
@@ -22,8 +24,11 @@ from conftest import (
     wait_for,
 )
 
-from fetcher.replica import Fault, Replica
+from fetcher.intake import record_queued
+from fetcher.lease import Leases
+from fetcher.replica import Fault, Replica, task_response
 from fetcher.state import DatabaseUrl
+from fetcher.state.postgres import PostgresState
 
 
 def shared_env(replica: Replica, archive: Path, tmp_path: Path, url: DatabaseUrl) -> dict[str, str]:
@@ -56,30 +61,81 @@ def archived_in_state(env: dict[str, str]) -> int:
     return counts["archived"]
 
 
+#: The issue's sizes: each run is given a window of this many of the tasks, every
+#: window a different one, so neighbouring runs share most of theirs.
+TASKS, WINDOW = 500, 300
+
+
+@pytest.mark.parametrize("runs", [pytest.param(2, id="2-runs"), pytest.param(4, id="4-runs")])
 def test_runs_over_overlapping_lists_archive_each_task_once(
-    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl, runs: int
 ) -> None:
-    """Three runs at once over overlapping lists: every task archived, each by one run,
-    every file asked for once, and each run accounts for every task it was given."""
-    tids = [task_id(n) for n in range(60)]
+    """Runs at once over overlapping lists of 500 tasks: every task archived, each by one
+    run, every file asked for once, and each run accounts for every task it was given."""
+    tids = [task_id(n) for n in range(TASKS)]
     for tid in tids:
         add_image_task(replica, tid)
-        replica.fault("files", f"{tid}/image_0.png", Fault(delay=0.05))
-    lists = [tids[:40], tids[10:50], tids[20:]]
+        replica.fault("files", f"{tid}/image_0.png", Fault(delay=0.02))
+    starts = [k * (TASKS - WINDOW) // (runs - 1) for k in range(runs)]
+    lists = [tids[start : start + WINDOW] for start in starts]
     env = shared_env(replica, archive_dir, tmp_path, postgres_url)
-    runs = []
+    started = []
     for n, part in enumerate(lists):
         listed = tmp_path / f"ids-{n}.txt"
         listed.write_text("\n".join(part) + "\n")
-        runs.append(start_fetch(env, str(listed), "--downloads", "2"))
+        started.append(start_fetch(env, str(listed), "--downloads", "4"))
 
-    summaries = [finish(run) for run in runs]
+    summaries = [finish(run) for run in started]
 
     assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
     assert [given(s) for s in summaries] == [len(part) for part in lists]
     files = [s.path for s in replica.seen("files")]
-    assert sorted(files) == sorted(set(files))
+    assert len(files) == len(set(files)) == len(tids)
     assert archived_in_state(env) == len(tids)
+
+
+def waits_for_a_lock(url: DatabaseUrl) -> bool:
+    """Whether a statement of a run on the database at ``url`` waits for another's lock."""
+    with psycopg.connect(url.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'fetcher' AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_task_archived_elsewhere_between_its_lookup_and_its_claim_is_counted_elsewhere(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """Another run archives a task and lets go of its lease after this run looked the task
+    up and before its claim lands: the claim does not take it, and the run counts it
+    elsewhere, with no query and no download of it."""
+    tid = task_id(0)
+    add_image_task(replica, tid)
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    with PostgresState(postgres_url) as other, other.atomic() as step:
+        # The other run's lease and archived row, not committed yet: the run looks the
+        # task up (it is new to the state), and its claim waits for this transaction.
+        step.execute(
+            "INSERT INTO leases (task_id, run_id, expires_at) VALUES (?, 'other', ?)",
+            (tid, time.time() + 60),
+        )
+        step.execute(
+            "INSERT INTO tasks (task_id, state, final, first_seen, updated_at) "
+            "VALUES (?, 'archived', 1, '', '')",
+            (tid,),
+        )
+        run = start_fetch(env, "--id", tid)
+        wait_for(lambda: waits_for_a_lock(postgres_url))
+        # Settled and let go of: the claim goes on with no lease in its way.
+        step.execute("DELETE FROM leases WHERE task_id = ?", (tid,))
+
+    summary = finish(run)
+
+    assert (summary["archived"], summary["elsewhere"]) == (0, 1)
+    assert given(summary) == 1
+    assert replica.seen("api") == []
+    assert replica.seen("files") == []
 
 
 def test_a_killed_runs_task_is_taken_over_once_its_lease_lapses(
@@ -133,6 +189,45 @@ def test_a_run_paused_past_its_lease_does_not_commit_over_the_new_holder(
     assert archived_in_state(env) == 1
     status = run_cli(["status", "--json"], env=env)
     assert json.loads(status.stdout)["failures"] == []
+
+
+def lease_lapsed(url: DatabaseUrl, tid: str) -> bool:
+    """Whether the lease on ``tid`` is past its time (its run stopped renewing it)."""
+    with psycopg.connect(url.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT expires_at FROM leases WHERE task_id = %s", (tid,)).fetchone()
+    return row is not None and float(row[0]) < time.time()
+
+
+def test_a_lease_cannot_be_taken_over_while_its_runs_settling_write_waits(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """A run whose pending row waits to be written, past its lease, keeps the task: the
+    lease check and the write are one transaction, which holds the lease row, so another
+    run's claim passes the task by, and the row written is the holder's."""
+    tid = task_id(0)
+    replica.set_task(tid, task_response(tid, status="PROCESSING"))
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    with PostgresState(postgres_url) as db:
+        record_queued(db, [tid])
+    with (
+        PostgresState(postgres_url) as other,
+        PostgresState(postgres_url) as blocker,
+        blocker.atomic() as step,
+    ):
+        # The task's row locked: the run's pending write waits for it.
+        step.execute("SELECT task_id FROM tasks WHERE task_id = ? FOR UPDATE", (tid,))
+        run = start_fetch(env, "--id", tid, "--lease", "1")
+        wait_for(lambda: waits_for_a_lock(postgres_url))
+        # The run's loop waits with it, so nothing renews the lease.
+        wait_for(lambda: lease_lapsed(postgres_url, tid))
+
+        assert Leases(other, 60).claim([tid]) == set()
+
+    summary = finish(run)
+
+    assert summary["pending"] == 1
+    status = run_cli(["status", "--json"], env=env)
+    assert json.loads(status.stdout)["counts"]["pending"] == 1
 
 
 def test_enqueue_while_two_work_runs_drain(

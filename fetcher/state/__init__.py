@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .address import DatabaseUrl, is_database
-from .records import Cursor, Records, Step, redone, upsert_text
+from .records import Cursor, Held, Records, Step, redone, upsert_text
 from .rows import (
     ARCHIVED,
     BATCH,
@@ -74,6 +74,7 @@ __all__ = [
     "Cursor",
     "DatabaseUrl",
     "FileRow",
+    "Held",
     "Holder",
     "Records",
     "StateDB",

@@ -77,6 +77,11 @@ class Step(Protocol):
     def execute(self, sql: str, params: Sequence[object] = (), /) -> Cursor: ...
 
 
+#: A check made inside a settling write's own transaction, before the write: whether the
+#: run still holds the task's lease (:meth:`fetcher.lease.Leases.held`).
+Held = Callable[[Step], bool]
+
+
 class Records(ABC):
     """The tasks and files an archive knows, read and written through the few methods an
     implementation provides (steps, reads), so each of them keeps the same rules.
@@ -170,8 +175,12 @@ class Records(ABC):
         )
 
     @redone
-    def record_pending(self, task: Task) -> None:
+    def record_pending(self, task: Task, held: Held | None = None) -> bool:
+        """The API still runs the task; with ``held``, only under the run's lease (see
+        :meth:`mark_archived`). Returns whether the row was written."""
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             self._upsert_task(
                 conn,
                 task.task_id,
@@ -182,6 +191,7 @@ class Records(ABC):
                 reason=f"status {task.status or 'unknown'}",
             )
             _upsert_text(conn, task)
+        return True
 
     @redone
     def record_failure(
@@ -192,12 +202,18 @@ class Records(ABC):
         final: bool,
         state: str = FAILED,
         task: Task | None = None,
-    ) -> None:
-        """A task failed; ``task``, when the API described it, records its type, time and words."""
+        held: Held | None = None,
+    ) -> bool:
+        """A task failed; ``task``, when the API described it, records its type, time and words.
+
+        With ``held``, only under the run's lease; returns whether the row was written.
+        """
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             if task is None:
                 self._upsert_task(conn, task_id, state=state, final=int(final), reason=reason)
-                return
+                return True
             self._upsert_task(
                 conn,
                 task_id,
@@ -208,17 +224,23 @@ class Records(ABC):
                 created_at=format_time(task.created),
             )
             _upsert_text(conn, task)
+        return True
 
     @redone
-    def start_task(self, task: Task, folder: str) -> tuple[str, dict[int, FileRow]] | None:
+    def start_task(
+        self, task: Task, folder: str, held: Held | None = None
+    ) -> tuple[str, dict[int, FileRow]] | None:
         """Record a finished task's files, which queues those not done.
 
         Returns the task's folder (the one recorded first wins, so files placed by
         an earlier run never move) and the file rows already done; None, recording
         nothing, when the task is archived already (its files, queued by an earlier
-        run, came down while this answer was on its way).
+        run, came down while this answer was on its way) or, with ``held``, when the
+        run no longer holds the task's lease.
         """
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return None
             row = conn.execute(
                 "SELECT dir, state FROM tasks WHERE task_id = ?", (task.task_id,)
             ).fetchone()
@@ -279,33 +301,47 @@ class Records(ABC):
         size: int,
         sha256: str,
         content_type: str | None,
-    ) -> None:
+        held: Held | None = None,
+    ) -> bool:
+        """The file is in place; with ``held``, recorded only under the run's lease."""
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             conn.execute(
                 "UPDATE files SET state = 'done', path = ?, size = ?, sha256 = ?, "
                 "content_type = ?, reason = NULL WHERE task_id = ? AND idx = ?",
                 (path, size, sha256, content_type, task_id, index),
             )
+        return True
 
     @redone
-    def file_failed(self, task_id: str, index: int, *, state: str, reason: str) -> None:
+    def file_failed(
+        self, task_id: str, index: int, *, state: str, reason: str, held: Held | None = None
+    ) -> bool:
+        """The file could not be had; with ``held``, recorded only under the run's lease."""
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return False
             conn.execute(
                 "UPDATE files SET state = ?, reason = ? WHERE task_id = ? AND idx = ?",
                 (state, reason, task_id, index),
             )
+        return True
 
     @redone
-    def requeue_file(self, task_id: str, index: int) -> None:
-        """A file recorded done whose bytes are gone from the archive: wanted again."""
+    def requeue_file(self, task_id: str, index: int, held: Held | None = None) -> None:
+        """A file recorded done whose bytes are gone from the archive: wanted again (with
+        ``held``, only under the run's lease)."""
         with self.atomic() as conn:
+            if held is not None and not held(conn):
+                return
             conn.execute(
                 "UPDATE files SET state = 'wanted' WHERE task_id = ? AND idx = ?",
                 (task_id, index),
             )
 
     @redone
-    def mark_archived(self, task_id: str, held: Callable[[Step], bool] | None = None) -> bool:
+    def mark_archived(self, task_id: str, held: Held | None = None) -> bool:
         """The commit point: only after every file is in place and the sidecar written.
 
         With ``held``, only if it says, in the same transaction, that the run still
