@@ -435,15 +435,22 @@ class _Run:
         # archived ones hold nothing back: no need to look them up (the cron case).
         archived = set(before)
         self._bookmarks.sighted(line for line in lines if line[0] not in archived)
-        if self._leases is not None and asking:
-            # Not those another run holds, nor those another run settled since first_sight
-            # read them: those wait in _others for what their run made of them.
-            held = self._leases.claim(asking, retry_failed=self.options.retry_failed)
-            self._others.update(t for t in asking if t not in held)
-            asking = [t for t in asking if t in held]
-        for task_id in asking:
-            self._queued += 1
-            await queries.put(task_id)
+        # On a shared state a run claims what its query workers are about to take, a
+        # slice at a time as they take it: runs given the same list share it out, rather
+        # than the first to claim taking it all and the others waiting for it. Under the
+        # archive's lock no other run is running: the batch is claimed at once.
+        size = self.settings.concurrency if self.db.shared else max(len(asking), 1)
+        for start in range(0, len(asking), size):
+            part = asking[start : start + size]
+            if self._leases is not None:
+                # Not those another run holds, nor those another run settled since
+                # first_sight read them: those wait in _others for what becomes of them.
+                held = self._leases.claim(part, retry_failed=self.options.retry_failed)
+                self._others.update(t for t in part if t not in held)
+                part = [t for t in part if t in held]
+            for task_id in part:
+                self._queued += 1
+                await queries.put(task_id)
         if before:
             # The cron case: most of a long list. Counted in bulk, no object per task.
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)

@@ -94,6 +94,32 @@ def test_runs_over_overlapping_lists_archive_each_task_once(
     assert archived_in_state(env) == len(tids)
 
 
+def test_runs_given_the_same_list_share_it_out(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """A run started while another works through the same list takes its share of the
+    tasks still ahead (a run claims what its queries are about to take, not the list at
+    once), and each task is archived by one of them."""
+    tids = [task_id(n) for n in range(100)]
+    for tid in tids:
+        add_image_task(replica, tid)
+        replica.fault("api", tid, Fault(delay=0.5))  # 8 answers a second for 4 queries
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(tids) + "\n")
+    first = start_fetch(env, str(listed), "--concurrency", "4")
+    wait_for(lambda: replica.seen("api"))
+    second = start_fetch(env, str(listed), "--concurrency", "4")
+
+    summaries = [finish(first), finish(second)]
+
+    assert all(int(str(s["archived"])) > 0 for s in summaries)
+    assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
+    assert [given(s) for s in summaries] == [len(tids)] * 2
+    queried = [s.path for s in replica.seen("api")]
+    assert len(queried) == len(set(queried)) == len(tids)
+
+
 def waits_for_a_lock(url: DatabaseUrl) -> bool:
     """Whether a statement of a run on the database at ``url`` waits for another's lock."""
     with psycopg.connect(url.dsn, autocommit=True) as conn:
