@@ -136,8 +136,9 @@ class Leases:
 
         A lease row another transaction has locked is passed by, not waited for, on
         PostgreSQL; so is one that exists but is not this run's to take. Only a lease
-        row another claim inserted and has not committed yet is waited for: claims
-        write theirs in task order, so two of them never wait for each other.
+        row another claim inserted and has not committed yet is waited for, as long as
+        that claim's transaction lasts: claims write theirs in task order, so no two of
+        them ever wait for each other in a circle.
         """
         marks = json.dumps(list(task_ids))
         lock = SKIP_LOCKED.get(self._db.dialect, "")
