@@ -905,14 +905,6 @@ def _state(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sqlite_state_only(settings: Settings, command: str) -> None:
-    """Refuse, in one line, a PostgreSQL state to a command that reads SQLite's alone."""
-    from .stores import database_url
-
-    if database_url(settings) is not None:
-        raise UsageError(f"'fetcher {command}' reads an SQLite state; not a postgresql:// one yet")
-
-
 def _cards(catalog: Any, query: Any, limit: int) -> Any:
     """Up to ``limit`` cards, page by page."""
     from dataclasses import replace
@@ -1003,7 +995,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     token = _serve_token(args)
     settings = _settings(args)
-    _sqlite_state_only(settings, "serve")
     options = GalleryOptions(
         archive=settings.archive, host=args.host, port=args.port, token=token, settings=settings
     )

@@ -1,7 +1,8 @@
 """``fetcher serve``: the gallery's web application and its lifetime.
 
 One :func:`serve` call owns everything: the archive's file source (a folder, or a
-bucket and its client), the catalog (opened read-only), the aiohttp application and
+bucket and its client), the catalog (opened read-only: an SQLite file, or a
+PostgreSQL state), the aiohttp application and
 its runner, the listening socket. It returns when ``stop`` is set (the CLI sets it on
 SIGINT/SIGTERM), after the runner has closed every connection.
 """
@@ -44,7 +45,8 @@ class GalleryOptions:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token: str | None = None
-    #: A bucket's endpoint, addressing, retries and state file; unused for a folder.
+    #: A bucket's endpoint, addressing, retries and state file; a PostgreSQL state, for
+    #: either.
     settings: Settings | None = None
 
     def __post_init__(self) -> None:
@@ -85,7 +87,7 @@ async def serve(options: GalleryOptions, stop: asyncio.Event, ready: Callable[[s
     """
     async with (
         open_source(options.archive, options.settings) as source,
-        Reader(source.db_path) as reader,
+        Reader(source) as reader,
     ):
         # A video still streaming gets SHUTDOWN seconds to finish once stopped, not 60.
         runner = web.AppRunner(

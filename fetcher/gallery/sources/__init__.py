@@ -2,8 +2,9 @@
 (:mod:`.bucket`).
 
 The routes speak only :class:`FileSource`; :func:`open_source` picks one by the
-``archive`` setting. Either way the catalog is the SQLite state on this machine
-(a bucket's restored from its snapshot when this host has none), every path a
+``archive`` setting. Either way the catalog is the archive's state: its SQLite file
+on this machine (a bucket's restored from its snapshot when this host has none), or
+the PostgreSQL database the ``state`` setting names; every path a
 card names passes :func:`~fetcher.gallery.guard.visible_parts` before it is
 served, and nothing is written to the archive.
 """
@@ -15,11 +16,12 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 from aiohttp import web
 
-from ...stores import BucketUrl, open_store
+from ...stores import BucketUrl, database_url, open_store
 
 if TYPE_CHECKING:
     from ...catalog import CardFile
     from ...config import Settings
+    from ...state import DatabaseUrl
     from ..reader import Reader
 
 #: Content types a file is served as; anything else is a download (no browser renders it).
@@ -33,8 +35,10 @@ class FileSource(Protocol):
 
     #: How the archive is named to the user: a folder path, or ``s3://BUCKET/PREFIX``.
     name: str
-    #: The state database the catalog reads.
+    #: The SQLite state the catalog reads, unless :attr:`state_url` takes its place.
     db_path: Path
+    #: The PostgreSQL state the catalog reads instead, when the settings name one.
+    state_url: DatabaseUrl | None
 
     async def __aenter__(self) -> Self:
         """Check the archive is there (a bucket: reachable, its state here); usage errors if not."""
@@ -86,4 +90,4 @@ def open_source(archive: Path | BucketUrl, settings: Settings | None) -> FileSou
         return BucketSource(store)
     from .folder import FolderSource
 
-    return FolderSource(archive)
+    return FolderSource(archive, database_url(settings))

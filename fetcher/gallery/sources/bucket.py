@@ -69,6 +69,7 @@ class BucketSource:
         self.url = store.url
         self.name = store.name
         self.db_path = store.db_path
+        self.state_url = store.state_url
         self._store = store
         self._bucket = store.bucket
         self._thumbs = Thumbnails(thumbs_folder(store.url))

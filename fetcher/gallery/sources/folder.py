@@ -17,6 +17,7 @@ from . import SIDECAR_HEADERS, file_headers
 
 if TYPE_CHECKING:
     from ...catalog import CardFile
+    from ...state import DatabaseUrl
     from ..reader import Reader
 
 
@@ -38,16 +39,18 @@ class ArchivedFile(web.FileResponse):
 class FolderSource:
     """The :class:`~fetcher.gallery.sources.FileSource` of an archive folder."""
 
-    def __init__(self, root: Path) -> None:
-        archive = Archive(root)
+    def __init__(self, root: Path, state_url: DatabaseUrl | None = None) -> None:
+        archive = Archive(root, state_url)
         self.name = str(archive.root)
         self.db_path = archive.db_path
+        self.state_url = state_url
         self._archive = archive
         self.root = archive.root
         self._thumbs = Thumbnails(archive.meta_dir / "thumbs")
 
     async def __aenter__(self) -> Self:
-        if not self._archive.exists():
+        # A PostgreSQL state holds no file here: the folder must still be there to serve.
+        if not (self._archive.exists() and self._archive.root.is_dir()):
             raise UsageError(f"no fetcher archive at {self.name!r}")
         # Resolved once: contained() compares each file's real path with the root's.
         self.root = self._archive.root.resolve()
