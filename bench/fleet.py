@@ -180,12 +180,15 @@ class Process:
     rss_kib: int
     exit_code: int
     counts: dict[str, int]
+    #: Tasks it finished from the queue before its list named them to it (another run
+    #: had asked): counted under their outcome, and again when the list names them.
+    from_queue: int
     files_downloaded: int
 
     @property
     def accounted(self) -> int:
         """The tasks its summary counts: every one it was given, if it adds up."""
-        return sum(self.counts.values())
+        return sum(self.counts.values()) - self.from_queue
 
     @classmethod
     def of(
@@ -194,7 +197,8 @@ class Process:
         """From how the process ended and its summary (None: it printed none)."""
         summary = summary or {}
         counts = {key: _int(summary.get(key)) for key in OUTCOMES}
-        return cls(wall, rss_kib, exit_code, counts, _int(summary.get("files_downloaded")))
+        from_queue, files = (_int(summary.get(k)) for k in ("from_queue", "files_downloaded"))
+        return cls(wall, rss_kib, exit_code, counts, from_queue, files)
 
 
 def _int(value: object) -> int:
@@ -234,9 +238,10 @@ class FleetRow:
             "the file host",
             "",
             "| run | part | set wall s | process | wall s | peak RSS MiB | archived | "
-            "already | elsewhere | pending | failed | skipped | sum | files downloaded |",
+            "already | elsewhere | pending | failed | skipped | from queue | sum - from queue "
+            "| files downloaded |",
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-            "---: | ---: | ---: |",
+            "---: | ---: | ---: | ---: |",
         ]
         for p in self.parts:
             for n, proc in enumerate(p.processes, 1):
@@ -245,7 +250,7 @@ class FleetRow:
                     f"| {p.run + 1} | {p.part} | {p.wall:.2f} | {n} | {proc.wall:.2f} | "
                     f"{proc.rss_kib / 1024:.1f} | {c['archived']} | {c['already_archived']} | "
                     f"{c['elsewhere']} | {c['pending']} | {c['failed']} | {c['skipped']} | "
-                    f"{proc.accounted} | {proc.files_downloaded} |"
+                    f"{proc.from_queue} | {proc.accounted} | {proc.files_downloaded} |"
                 )
         out += [
             "",

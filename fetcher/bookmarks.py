@@ -15,6 +15,7 @@ line). A task is asked about once a run, but each of its lines waits for it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from .ids import Mark
@@ -86,6 +87,16 @@ class BookmarkTracker:
             "SELECT 1 FROM temp.open_tasks WHERE task_id = ? AND source = ''", (task_id,)
         )
         return row is not None
+
+    def still_asked(self, task_ids: Iterable[str]) -> set[str]:
+        """Of ``task_ids``, those handed to this run and not settled yet (:meth:`asked`)."""
+        ids = json.dumps(list(task_ids))
+        rows = self._db.query(
+            "SELECT task_id FROM temp.open_tasks WHERE source = '' "
+            "AND task_id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        )
+        return {str(r[0]) for r in rows}
 
     def settled(self, task_id: str) -> bool:
         """The task's answer will not change: its line need not be read again.

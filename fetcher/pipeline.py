@@ -29,6 +29,7 @@ import contextlib
 import errno
 import functools
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -65,12 +66,28 @@ from .progress import NullProgress, Progress
 from .queue import FileQueue, QueuedFile
 from .retry import RetryPolicy
 from .sidecar import build_sidecar
-from .state import ARCHIVED, EXPIRED, FAILED, PENDING, Held, Records, StateDB, open_state
+from .state import (
+    ARCHIVED,
+    EXPIRED,
+    FAILED,
+    INCOMPLETE,
+    PENDING,
+    Held,
+    Records,
+    StateDB,
+    open_state,
+)
 from .stores import ArchiveStore, Placed, open_store
 from .summary import Outcome, RunSummary, TaskOutcome
 
 #: At most this many lines wait between the reading thread and the loop.
 FEED_BATCH = 2000
+#: Seconds between two looks, while downloading, at the tasks this run handed to the
+#: shared queue, so those other runs settled are counted as they go, not all at the end.
+HANDED_LOOK = 2.0
+#: Seconds between two looks once this run has nothing left to download: another run
+#: has the last files in flight, and this run returns as soon as they are settled.
+HANDED_WAIT = 0.25
 #: OS errors that say the archive cannot be written at all: the run stops (exit 3).
 #: Any other OS error while handling one file is that file's failure.
 _ARCHIVE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
@@ -262,6 +279,13 @@ class _Run:
         )
         #: Tasks given to this run that another live run holds: watched until settled.
         self._others: set[str] = set()
+        #: On a shared state, tasks given to this run whose files wait in the download
+        #: queue with no lease: any run's download workers take them (see _hand_over).
+        self._handed: set[str] = set()
+        self._handed_poll = asyncio.Lock()
+        self._handed_looked = time.monotonic()
+        #: Files of each task this run's download workers have in hand: its lease stays.
+        self._busy: collections.Counter[str] = collections.Counter()
         #: Tasks another run took over from this one (paused past the lease).
         self._gone: set[str] = set()
         #: Tasks handed to the query workers: the run's number of queries, once read.
@@ -455,8 +479,11 @@ class _Run:
                 # Not those another run holds, nor those another run settled since
                 # first_sight read them: those wait in _others for what becomes of them.
                 held = self._leases.claim(part, retry_failed=self.options.retry_failed)
-                self._others.update(t for t in part if t not in held)
-                part = [t for t in part if t in held]
+                # Not one this run settled meanwhile, its files come through the shared
+                # queue to this run's own workers: that is counted already.
+                others = [t for t in part if t not in held]
+                self._others.update(self._bookmarks.still_asked(others) if others else ())
+                part = self._to_ask([t for t in part if t in held])
             for task_id in part:
                 self._queued += 1
                 await queries.put(task_id)
@@ -465,6 +492,22 @@ class _Run:
             self.summary.counts[Outcome.ALREADY_ARCHIVED] += len(before)
             self.progress.archived_before(before)
 
+    def _to_ask(self, held: list[str]) -> list[str]:
+        """Of tasks this run just claimed, those to ask the API about.
+
+        On a shared state, one answered already, its files in the queue (another run
+        asked, or one that stopped), needs a download, not a question: it is handed to
+        the queue, for whichever run has a download worker free. A link that lapsed
+        meanwhile is asked for again by the file's download.
+        """
+        if not held or self._leases is None or not self.db.shared:
+            return held
+        queued = {h.task_id for h in self._leases.holders(held) if h.state == INCOMPLETE}
+        for task_id in queued:
+            self._hand_over(task_id)
+        self._wake(len(queued))
+        return [t for t in held if t not in queued]
+
     async def _await_others(self, queries: asyncio.Queue[str | None]) -> None:
         """Until another run settles each task it holds, or its lease lapses and this run
         takes the task over (queried here like any other)."""
@@ -472,9 +515,17 @@ class _Run:
         while leases is not None and self._others:
             await asyncio.sleep(min(1.0, leases.seconds / 4))
             for holder in leases.holders(sorted(self._others)):
+                if holder.task_id not in self._others:
+                    continue  # settled by this run's own download workers meanwhile
                 if holder.run_id is not None and not leases.lapsed(holder):
                     continue
-                if holder.run_id is None and holder.state in _SETTLED_STATES:
+                if holder.run_id is None and holder.state == INCOMPLETE:
+                    # Its files wait in the download queue, let go of by the run that
+                    # asked: this run's download workers may take them as any run's may.
+                    self._others.discard(holder.task_id)
+                    self._handed.add(holder.task_id)
+                    self._wake(1)
+                elif holder.run_id is None and holder.state in _SETTLED_STATES:
                     # Its run let go of it settled (a run stopped early lets go of open ones).
                     self._others.discard(holder.task_id)
                     self._elsewhere(holder.task_id, holder.state, holder.final)
@@ -562,9 +613,12 @@ class _Run:
         wanted = str(self.layout.render(_layout_fields(task)))
         started = self.db.start_task(task, wanted, self._lease_check(task.task_id))
         if started is None:
-            # Its files, queued by an earlier run, came down while this query was out (and
-            # whoever archived them counted it), or another run took it over: said once.
+            # Archived while this query was out (from the queue, by this run's own download
+            # workers or another run's), or another run took it over: said once, and let
+            # go of, so no run waits on it.
             self._lost(task.task_id)
+            if self._leases is not None:
+                self._leases.release(task.task_id)
             return
         queued = 0
         for remote in task.files:
@@ -577,9 +631,24 @@ class _Run:
         # Requested even past its ExpireTime: only the host's refusal makes a file
         # expired, never this machine's clock.
         if queued:
+            self._hand_over(task.task_id)
             self._wake(queued)
         else:
             await self._settle_task(task.task_id)
+
+    def _hand_over(self, task_id: str) -> None:
+        """On a shared state, let go of a task whose files are queued, and watch it.
+
+        The download queue is the state's, so the files go to whichever run has a
+        download worker free, each taken with the task's lease (:mod:`fetcher.queue`):
+        runs given the same list share its downloads, instead of the run that asked
+        first holding every task until its own workers get to it.
+        """
+        if self._leases is None or not self.db.shared:
+            return
+        if not self._busy[task_id]:  # else this run's download lets go of it when settled
+            self._leases.release(task_id)
+        self._handed.add(task_id)
 
     def _wake(self, count: int) -> None:
         """Up to ``count`` idle download workers look at the queue again."""
@@ -595,19 +664,64 @@ class _Run:
         while True:
             item = self._queue.claim()
             if item is None:
-                if self._queries_done:
+                if self._queries_done and not self._handed:
                     return
+                if self._queries_done:
+                    await self._await_handed()
+                    continue
                 waiter = asyncio.get_running_loop().create_future()
                 self._idle.append(waiter)
                 await waiter
                 continue
             self.progress.file_queued(item.remote.size)
+            self._busy[item.task_id] += 1
             try:
                 await self._download_one(api, downloader, item)
             finally:
                 self._queue.release(item)
+                self._busy[item.task_id] -= 1
+                if not self._busy[item.task_id]:
+                    del self._busy[item.task_id]
             self.progress.file_done()
             await self._settle_task(item.task_id)
+            if self._handed and time.monotonic() - self._handed_looked >= HANDED_LOOK:
+                self._look_at_handed()
+
+    async def _await_handed(self) -> None:
+        """A pause, then the tasks this run handed to the queue that another run settled
+        are counted (``elsewhere``); one this run finds nobody will settle is taken back.
+
+        Called by a download worker that found nothing to take once the queries are
+        done; the workers take turns, so the state is read once a pause.
+        """
+        leases = self._leases
+        assert leases is not None  # only a shared state's run hands tasks over
+        async with self._handed_poll:
+            if not self._handed:
+                return
+            await asyncio.sleep(min(HANDED_WAIT, leases.seconds / 4))
+            for task_id in self._look_at_handed():
+                if task_id in self._handed and leases.claim([task_id]):
+                    # No file of it left to take (done or failed, its row not written
+                    # by a run that stopped), or its run's lease lapsed: this run ends it.
+                    await self._settle_task(task_id)
+
+    def _look_at_handed(self) -> list[str]:
+        """Count the handed tasks another run settled (``elsewhere``); returns those no
+        live run holds that are not settled."""
+        leases = self._leases
+        assert leases is not None
+        self._handed_looked = time.monotonic()
+        free: list[str] = []
+        for holder in leases.holders(sorted(self._handed)):
+            if holder.run_id is not None and not leases.lapsed(holder):
+                continue  # a live run is downloading it
+            if holder.run_id is None and holder.state in _SETTLED_STATES:
+                self._handed.discard(holder.task_id)
+                self._elsewhere(holder.task_id, holder.state, holder.final)
+            else:
+                free.append(holder.task_id)
+        return free
 
     async def _settle_task(self, task_id: str) -> None:
         """Finish the task when none of its files is left in the queue."""
@@ -802,9 +916,10 @@ class _Run:
         self._report(outcome)
 
     def _report(self, outcome: TaskOutcome) -> None:
-        # Counted once: a task another run held may have come to this one through the
-        # queue once its lease lapsed, and been settled here before _await_others looked.
+        # Counted once: a task another run held, or this run handed to the queue, may have
+        # come to this one through the queue and been settled here before a look found it.
         self._others.discard(outcome.task_id)
+        self._handed.discard(outcome.task_id)
         if self._leases is not None and outcome.outcome in _LET_GO:
             self._leases.release(outcome.task_id)
         self.summary.add(outcome)

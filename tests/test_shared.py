@@ -49,9 +49,11 @@ def finish(run: subprocess.Popen[str]) -> dict[str, object]:
 
 
 def given(summary: dict[str, object]) -> int:
-    """Every task a run was given, as its summary counts them."""
+    """Every task a run was given, as its summary counts them: tasks of other runs'
+    lists that it finished from the queue (``from_queue``) are counted under their
+    outcomes too, and are not among them."""
     keys = ("archived", "already_archived", "elsewhere", "pending", "failed", "skipped")
-    return sum(int(str(summary[k])) for k in keys)
+    return sum(int(str(summary[k])) for k in keys) - int(str(summary["from_queue"]))
 
 
 def archived_in_state(env: dict[str, str]) -> int:
@@ -275,4 +277,32 @@ def test_enqueue_while_two_work_runs_drain(
     assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
     files = [s.path for s in replica.seen("files")]
     assert sorted(files) == sorted(set(files))
+    assert archived_in_state(env) == len(tids)
+
+
+def test_runs_over_one_list_share_its_downloads(
+    replica: Replica, archive_dir: Path, tmp_path: Path, postgres_url: DatabaseUrl
+) -> None:
+    """A run started while another downloads the same list takes files from the shared
+    queue too: the first run's queries do not keep every task to its own workers."""
+    tids = [task_id(n) for n in range(30)]
+    for tid in tids:
+        add_image_task(replica, tid)
+        replica.fault("files", f"{tid}/image_0.png", Fault(delay=0.5))
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(tids) + "\n")
+    env = shared_env(replica, archive_dir, tmp_path, postgres_url)
+    first = start_fetch(env, str(listed), "--downloads", "2")
+    wait_for(lambda: replica.seen("files"))
+    second = start_fetch(env, str(listed), "--downloads", "2")
+
+    summaries = [finish(first), finish(second)]
+
+    assert all(int(str(s["files_downloaded"])) > 0 for s in summaries)
+    assert sum(int(str(s["archived"])) for s in summaries) == len(tids)
+    # What the second run archived, the first was given too: settled elsewhere, for it.
+    assert summaries[0]["elsewhere"] == summaries[1]["archived"]
+    assert [given(s) for s in summaries] == [len(tids), len(tids)]
+    files = [s.path for s in replica.seen("files")]
+    assert sorted(files) == sorted(set(files)) and len(files) == len(tids)
     assert archived_in_state(env) == len(tids)
