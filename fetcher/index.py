@@ -15,11 +15,11 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .archive import Archive
 from .errors import LockedError
-from .state import SCHEMA_VERSION, TEXT_SCHEMA, Records, StateDB, upsert_text
+from .state import SCHEMA_VERSION, TEXT_SCHEMA, Records, StateDB, redone, upsert_text
 
 #: Tasks indexed per transaction.
 INDEX_BATCH = 2000
@@ -95,20 +95,7 @@ def _steps(db: Records, progress: IndexProgress) -> Iterator[tuple[int, int]]:
     progress.indexed(done, total)
     after = ""
     while True:
-        with db.atomic() as conn:
-            rows = conn.execute(
-                "SELECT task_id, detail FROM tasks t WHERE task_id > ? AND detail IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM task_text x WHERE x.task_id = t.task_id) "
-                "ORDER BY task_id LIMIT ?",
-                (after, INDEX_BATCH),
-            ).fetchall()
-            for task_id, detail in rows:
-                upsert_text(conn, str(task_id), _words(detail))
-            if not rows:
-                conn.execute(
-                    "INSERT INTO meta VALUES ('text_index', 'whole') "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-                )
+        rows = _index_batch(db, after)
         if not rows:
             progress.indexed(total, total)
             return
@@ -116,6 +103,27 @@ def _steps(db: Records, progress: IndexProgress) -> Iterator[tuple[int, int]]:
         done += len(rows)
         progress.indexed(min(done, total), total)
         yield done, total
+
+
+@redone
+def _index_batch(db: Records, after: str) -> list[Any]:
+    """Index the next :data:`INDEX_BATCH` tasks after ``after`` in one step; none left:
+    the index is whole. Returns the tasks indexed."""
+    with db.atomic() as conn:
+        rows = conn.execute(
+            "SELECT task_id, detail FROM tasks t WHERE task_id > ? AND detail IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM task_text x WHERE x.task_id = t.task_id) "
+            "ORDER BY task_id LIMIT ?",
+            (after, INDEX_BATCH),
+        ).fetchall()
+        for task_id, detail in rows:
+            upsert_text(conn, str(task_id), _words(detail))
+        if not rows:
+            conn.execute(
+                "INSERT INTO meta VALUES ('text_index', 'whole') "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            )
+    return rows
 
 
 def _left(db: Records) -> int:

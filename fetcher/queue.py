@@ -70,9 +70,12 @@ class FileQueue:
                 item = self._take(step, passed)
                 if item is None:
                     return None
-                if self._leases is None or self._leases.take(step, [item.task_id]):
-                    self._claimed.add(item.rowid)
-                    return item
+                mine = self._leases is None or bool(self._leases.take(step, [item.task_id]))
+            if mine:
+                # Noted once the step committed: a step run again after a lost connection
+                # must not find its own file taken.
+                self._claimed.add(item.rowid)
+                return item
             # Its task another run's since the head was read: not this run's to download.
             passed.add(item.rowid)
 

@@ -89,6 +89,7 @@ def test_a_run_goes_on_after_the_database_restarts(
     _in_place(settings.archive, datas)
     requested = collections.Counter(r.path for r in replica.seen("files"))
     assert set(requested.values()) == {1}, requested
+    assert "connected again to the state database" in err
     assert postgres.password not in out + err
 
 
@@ -134,6 +135,40 @@ def test_a_run_stops_in_one_line_when_the_database_stays_away(
     assert again.returncode == 0, again.stderr
     counts = json.loads(again.stdout)
     assert counts["archived"] + counts["already_archived"] == len(ids)
+    _in_place(settings.archive, datas)
+
+
+def test_a_lease_that_lapsed_while_reconnecting_is_settled_by_one_run_only(
+    postgres: PostgresServer, replica: Replica, settings: Settings, tmp_path: Path
+) -> None:
+    """The server away longer than a run's leases, and a second run starting as it comes
+    back: whichever takes each task settles it, each task archived by one of the two, and
+    both exit 0."""
+    url = postgres.database()
+    ids, datas = _slow_tasks(replica, 8)
+    env = process_env(replica, settings.archive, tmp_path) | {
+        "FETCHER_STATE": url,
+        "FETCHER_DOWNLOADS": "2",
+    }
+    args = ["fetch", "--json", "--no-progress", "--lease", "1", *(f"--id={t}" for t in ids)]
+    first = start_cli(args, env)
+    try:
+        wait_for(lambda: len(replica.seen("files")) >= 2)
+        postgres.stop()
+        time.sleep(2.5)  # past the first run's leases: it cannot renew them
+        postgres.start()
+        second = run_cli(args, env=env, timeout=90)
+        out, err = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+
+    assert first.returncode == 0, err
+    assert second.returncode == 0, second.stderr
+    by_first, by_second = json.loads(out), json.loads(second.stdout)
+    assert by_first["archived"] + by_second["archived"] == len(ids)
+    assert _archived(url) == sorted(ids)
     _in_place(settings.archive, datas)
 
 

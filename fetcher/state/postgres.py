@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ RECONNECT_WAITS = (0.5, 8.0)
 MIGRATION_LOCK = 0x66657463686572
 
 _T = TypeVar("_T")
+_log = logging.getLogger("fetcher")
 #: Statements whose effect lives in the session, not the database: temporary tables and
 #: ``LISTEN``. Those that write are redone, in order, on a new connection.
 _SESSION = re.compile(r"^\s*LISTEN\b|\bpg_temp\.|\bTEMP TABLE\b", re.IGNORECASE)
@@ -215,6 +217,10 @@ class PostgresState(Records):
         if self._conn is not None:
             self._conn.close()
         self._conn = conn
+        waited = time.monotonic() - lost_at
+        _log.info(
+            "connected again to the state database %s, %.1f s after losing it", self.url, waited
+        )
 
     def _run(self, statement: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         """``statement`` on the connection; outside a step, run again on a new connection
