@@ -276,7 +276,7 @@ class Archive:
         """Write the task's JSON sidecar through a temp file, so it is whole or absent."""
         relative = folder / SIDECAR_NAME
         target = self.resolve(relative)
-        staging = self.work_dir if self._room is None else self._room.path
+        staging = self.work_dir if self._room is None else self._room.ready()
         temp = staging / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".json.tmp")
         data = json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
         try:

@@ -61,10 +61,19 @@ class RunRoom:
                 _clean_room(room, now, self._keep)
         make_folders(self.path)
 
+    def ready(self) -> Path:
+        """This run's room, made again when another run took this one for dead and removed
+        it (this run's row lapsed while the state was out of reach, say)."""
+        if not self.path.is_dir():
+            # Not made: the write into it fails next, and says why, for that file alone.
+            with contextlib.suppress(OSError):
+                make_folders(self.path)
+        return self.path
+
     def file(self, task_id: str, index: int) -> Path:
         """The work file of one task's file in this room, with what a dead run left of it
         moved in first (call it only while holding the task's lease)."""
-        own = work_file(self.path, task_id, index)
+        own = work_file(self.ready(), task_id, index)
         if not own.exists():
             # A partial that cannot be moved (a permission, a full disk) is only not
             # resumed: the file is downloaded from its start instead.
