@@ -244,6 +244,29 @@ def test_the_session_is_made_again_on_a_new_connection(
         assert db.wait_notice(5)
 
 
+def test_a_temporary_table_emptied_is_not_refilled_on_a_new_connection(
+    postgres: PostgresServer, postgres_url: DatabaseUrl
+) -> None:
+    """What a long ``work`` process wrote to a temporary table before emptying it (each
+    pass does) is neither kept for a new connection nor redone on it: what is kept stays
+    one pass's worth however many passes ran."""
+    with PostgresState(postgres_url) as db:
+        db.query("CREATE TEMP TABLE IF NOT EXISTS kept (v TEXT PRIMARY KEY)")
+        db.query("CREATE TEMP TABLE IF NOT EXISTS other (v TEXT PRIMARY KEY)")
+        db.query_many("INSERT INTO temp.other VALUES (?)", [("x",)])
+        sizes = []
+        for n in range(50):
+            db.delete("DELETE FROM temp.kept")
+            db.query_many("INSERT INTO temp.kept VALUES (?)", [(f"{n}-a",), (f"{n}-b",)])
+            db.delete("DELETE FROM temp.kept WHERE v = ?", (f"{n}-a",))
+            sizes.append(len(db._session))
+        postgres.restart("fast")
+
+        assert db.query("SELECT v FROM temp.kept") == [("49-b",)]
+        assert db.query("SELECT v FROM temp.other") == [("x",)]
+    assert sizes[-1] == sizes[1]
+
+
 def test_a_database_that_stays_away_is_one_archive_error(
     postgres: PostgresServer, postgres_url: DatabaseUrl
 ) -> None:

@@ -50,6 +50,10 @@ _log = logging.getLogger("fetcher")
 #: Statements whose effect lives in the session, not the database: temporary tables and
 #: ``LISTEN``. Those that write are redone, in order, on a new connection.
 _SESSION = re.compile(r"^\s*LISTEN\b|\bpg_temp\.|\bTEMP TABLE\b", re.IGNORECASE)
+#: The temporary table a kept statement writes rows of.
+_WRITES = re.compile(r"^\s*(?:INSERT\s+INTO|DELETE\s+FROM|UPDATE)\s+pg_temp\.(\w+)", re.IGNORECASE)
+#: A statement that empties a temporary table: what was written to it before is moot.
+_EMPTIES = re.compile(r"^\s*DELETE\s+FROM\s+pg_temp\.(\w+)\s*$", re.IGNORECASE)
 
 
 def _json_path(match: re.Match[str]) -> str:
@@ -113,7 +117,7 @@ class PostgresState(Records):
         self.version = 0
         #: The statements that made the session's own state, each with its rows of
         #: parameters: redone on a new connection. They grow with the run's open tasks,
-        #: as the temporary tables they fill do.
+        #: as the temporary tables they fill do, and are forgotten with a table emptied.
         self._session: list[tuple[str, list[Sequence[object]]]] = []
         #: When the connection was lost, if no statement succeeded since: the time the
         #: reconnects are bounded from.
@@ -245,8 +249,18 @@ class PostgresState(Records):
         Inside a step it is not kept: the step may yet roll back (none of fetcher's
         steps writes a temporary table).
         """
-        if not self._in_step and _SESSION.search(sql) and not sql.lstrip().startswith("SELECT"):
-            self._session.append((sql, rows))
+        if self._in_step or not _SESSION.search(sql) or sql.lstrip().startswith("SELECT"):
+            return
+        if emptied := _EMPTIES.match(sql):
+            # A long ``work`` process empties its tables at each pass: forgetting what
+            # was written before keeps what is redone, and held, to one pass's worth.
+            self._session = [
+                (kept, params)
+                for kept, params in self._session
+                if not ((wrote := _WRITES.match(kept)) and wrote[1] == emptied[1])
+            ]
+            return
+        self._session.append((sql, rows))
 
     @contextmanager
     def atomic(self) -> Iterator[_Step]:
