@@ -308,3 +308,8 @@ def live_runs(db: Records, now: float, limit: int | None) -> list[dict[str, obje
             }
         )
     return found
+
+
+def live_run_ids(db: Records, now: float) -> set[str]:
+    """The runs renewed lately (``alive_until`` not past): whose work nobody else touches."""
+    return {str(r[0]) for r in db.query("SELECT run_id FROM runs WHERE alive_until >= ?", (now,))}

@@ -59,7 +59,7 @@ from .feed import batches
 from .ids import IdSource, Mark, iter_entries
 from .index import build_index_async
 from .layout import Layout, LayoutFields
-from .lease import DEFAULT_LEASE, Leases
+from .lease import DEFAULT_LEASE, Leases, live_run_ids
 from .lists import bookmarks, save_bookmark
 from .models import RemoteFile, Task, TaskState, redact
 from .progress import NullProgress, Progress
@@ -192,8 +192,9 @@ async def _locked_run(
     """The run under the archive's lock; its state handed to the store once closed.
 
     A shared (PostgreSQL) state takes no lock: runs on any host work beside each
-    other, each task under a lease (:mod:`fetcher.lease`), and the work folder's
-    leftovers are not cleaned, since another run may be writing them.
+    other, each task under a lease (:mod:`fetcher.lease`), and each stages its
+    downloads in a work folder of its own, cleaning only those of runs no longer live
+    (:mod:`fetcher.stores.rooms`), since another run may be writing the rest.
     """
     # One event for a signal and for a store whose lock was lost: either winds the run down.
     stop = stop if stop is not None else asyncio.Event()
@@ -331,6 +332,8 @@ class _Run:
         if self._leases is not None:
             self._leases.begin()
         try:
+            if self._leases is not None and self.db.shared:
+                self._work_in_room(self._leases)
             async with api, downloader:
                 await self._workers(api, downloader, sources, saved, stop)
             self._let_go()
@@ -344,6 +347,7 @@ class _Run:
             self.summary.interrupted = True
         finally:
             self.summary.requests = api.requests_sent
+            self.archive.leave_room()
             # Raised only when nothing else is: a state that failed says so once.
             with contextlib.suppress(ArchiveError):
                 self._let_go()
@@ -352,6 +356,11 @@ class _Run:
             for reached in self._bookmarks.reached().values():
                 save_bookmark(self.db, reached)
         return self.summary
+
+    def _work_in_room(self, leases: Leases) -> None:
+        """No lock says this run is alone: it stages in a work folder of its own, and cleans
+        only the folders of runs the state no longer lists as live."""
+        self.archive.work_in_room(leases.run_id, lambda: live_run_ids(self.db, leases.now()))
 
     def _let_go(self) -> None:
         """Unregister the run, letting go of the tasks it leaves unsettled; once."""

@@ -36,8 +36,9 @@ settings = pytest.fixture(name="settings")(on_each_state)
 
 
 def work_files(archive: Path) -> list[str]:
+    """The files in the work folder, and in the runs' own folders there (a shared state's)."""
     folder = archive / ".fetcher" / "work"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
 
 def test_partial_download_resumes_in_the_next_run(

@@ -2,16 +2,16 @@
 
 The pipeline, ``status`` and ``verify`` speak only :class:`ArchiveStore`; which
 one a run gets is decided by the ``archive`` setting alone (:func:`open_store`).
-Either way the state is an SQLite file on this machine and downloads stage in a
-local work folder, so the commit order is the same: work file, verify, place,
-sidecar, archived row. A bucket's library is imported by :func:`open_store` only
+Either way downloads stage in a local work folder (on a shared state, a folder of
+the run's own inside it: :mod:`.rooms`), so the commit order is the same: work file,
+verify, place, sidecar, archived row. A bucket's library is imported by :func:`open_store` only
 when an ``s3://`` archive is named.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -117,6 +117,13 @@ class ArchiveStore(Protocol):
 
     def work_path(self, task_id: str, index: int) -> Path:
         """The local work file of one task's file (stable, for resume)."""
+
+    def work_in_room(self, run_id: str, live: Callable[[], Collection[str]]) -> None:
+        """On a shared state, once the run is registered: stage in a work folder of the
+        run's own, after cleaning what dead runs left in theirs (:mod:`.rooms`)."""
+
+    def leave_room(self) -> None:
+        """The run is over: its own work folder goes, unless something is left in it."""
 
     async def stored(self, task_id: str, index: int) -> Placed | None:
         """The file as an earlier, killed run already placed it, if it did; else None."""

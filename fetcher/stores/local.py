@@ -17,14 +17,17 @@ import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..durable import fsync_dir, make_folders
 from ..errors import ArchiveError, LockedError
 from ..state.address import DatabaseUrl
 from . import Placed
+
+if TYPE_CHECKING:
+    from .rooms import RunRoom
 
 META_DIR = ".fetcher"
 SIDECAR_NAME = "task.json"
@@ -50,6 +53,8 @@ class Archive:
         self._root_real: Path | None = None
         #: Archive-relative folders (``/a/b``) known to be real folders, not links.
         self._checked: set[str] = set()
+        #: On a shared state, the run's own work folder (:meth:`work_in_room`).
+        self._room: RunRoom | None = None
 
     def exists(self) -> bool:
         return self.state_url is not None or self.db_path.is_file()
@@ -162,7 +167,19 @@ class Archive:
         return LockedError(f"another fetcher run holds the lock on {str(self.root)!r}{detail}")
 
     def work_path(self, task_id: str, index: int) -> Path:
+        if self._room is not None:
+            return self._room.file(task_id, index)
         return work_file(self.work_dir, task_id, index)
+
+    def work_in_room(self, run_id: str, live: Callable[[], Collection[str]]) -> None:
+        from .rooms import open_room
+
+        self._room = open_room(self.work_dir, run_id, live)
+
+    def leave_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.close()
 
     def resolve(self, relative: PurePosixPath | str) -> Path:
         """An archive-relative path as an absolute one, refusing anything that escapes.
@@ -259,7 +276,8 @@ class Archive:
         """Write the task's JSON sidecar through a temp file, so it is whole or absent."""
         relative = folder / SIDECAR_NAME
         target = self.resolve(relative)
-        temp = self.work_dir / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".json.tmp")
+        staging = self.work_dir if self._room is None else self._room.ready()
+        temp = staging / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".json.tmp")
         data = json.dumps(document, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
         try:
             with temp.open("w", encoding="utf-8") as handle:
@@ -291,13 +309,15 @@ def clean_work_folder(folder: Path, now: float | None = None, keep: tuple[str, .
     cutoff = (now or time.time()) - RESUME_WINDOW
     entries = {entry.name: entry for entry in folder.iterdir()}
     for name, entry in entries.items():
+        if entry.is_dir():
+            continue
         partner = name[: -len(".json")] if name.endswith(".part.json") else name + ".json"
         resumable = name.endswith((".part", ".part.json")) and partner in entries
         wanted = resumable or (bool(keep) and name.endswith(keep))
-        if not (wanted and entry.stat().st_mtime >= cutoff):
-            if entry.is_dir():
-                continue
-            entry.unlink(missing_ok=True)
+        # Gone since the listing: on a shared state another run cleaned it, or took it over.
+        with contextlib.suppress(FileNotFoundError):
+            if not (wanted and entry.stat().st_mtime >= cutoff):
+                entry.unlink()
 
 
 def _try_lock(fd: int) -> bool:

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -57,6 +57,7 @@ from ..retry import RETRY_STATUSES, RetryPolicy, attempts, parse_retry_after
 from ..state.address import DatabaseUrl
 from . import BucketUrl, Placed
 from .local import SIDECAR_NAME, archive_error, clean_work_folder, work_file
+from .rooms import RunRoom, open_room, remove_if_empty
 from .s3lock import BucketLock
 
 if TYPE_CHECKING:
@@ -378,6 +379,8 @@ class S3Store:
         self.lock = BucketLock(self.bucket, url.key(f"{META}/lock"))
         #: Markers of files this run placed or picked up: dropped once the state is closed.
         self._settled: list[Path] = []
+        #: On a shared state, the run's own work folder (:meth:`work_in_room`).
+        self._room: RunRoom | None = None
 
     def exists(self) -> bool:
         return self.state_url is not None or self.db_path.is_file()
@@ -443,7 +446,17 @@ class S3Store:
         return True
 
     def work_path(self, task_id: str, index: int) -> Path:
+        if self._room is not None:
+            return self._room.file(task_id, index)
         return work_file(self.work_dir, task_id, index)
+
+    def work_in_room(self, run_id: str, live: Callable[[], Collection[str]]) -> None:
+        self._room = open_room(self.work_dir, run_id, live, keep=(MARKER,))
+
+    def leave_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.close()
 
     async def stored(self, task_id: str, index: int) -> Placed | None:
         marker = self.work_path(task_id, index).with_suffix(MARKER)
@@ -523,6 +536,8 @@ class S3Store:
             await self.snapshot()
         for marker in self._settled:
             marker.unlink(missing_ok=True)
+            if marker.parent != self.work_dir:  # a run's own folder, left when the run ended
+                remove_if_empty(marker.parent)
         self._settled.clear()
 
     async def snapshot(self) -> bool:
