@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show at most N entries of each list (default 20)",
     )
     shown.add_argument("--all", action="store_true", help="show every entry of each list")
-    status.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(status)
     status.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     _store_flags(status)
 
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --repair: let bytes the host now serves differently replace the archived ones",
     )
     verify.add_argument("--json", action="store_true", help="print JSON on stdout")
-    verify.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(verify)
     verify.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     verify.add_argument(
         "--deep",
@@ -240,9 +240,15 @@ def _search_parser(commands: Any) -> None:
     search.add_argument(
         "--limit", type=_positive, default=20, metavar="N", help="at most N tasks (default 20)"
     )
-    search.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(search)
     search.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
-    _store_flags(search, state=False)  # its --state is a task's; FETCHER_STATE names the file
+    _store_flags(search, state=False)  # its --state is a task's: the state is --state-db
+    search.add_argument(
+        "--state-db",
+        metavar="PATH|URL",
+        help="the state --state names for the other commands: a bucket archive's state file, "
+        "or a shared postgresql://USER@HOST/DB",
+    )
 
 
 def _id_flags(parser: argparse.ArgumentParser) -> None:
@@ -269,7 +275,7 @@ def _enqueue_parser(commands: Any) -> None:
     )
     _id_flags(enqueue)
     enqueue.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    enqueue.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(enqueue)
     enqueue.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     _store_flags(enqueue)
 
@@ -367,7 +373,7 @@ def _serve_parser(commands: Any) -> None:
         description="Serve a read-only gallery of the archive: a grid of thumbnails, "
         "filters and search, each task's files, prompt and sidecar.",
     )
-    serve.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(serve)
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
     _store_flags(serve)
     serve.add_argument(
@@ -397,7 +403,7 @@ def _count(text: str) -> int:
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag > FETCHER_<NAME> > config file > default)")
-    group.add_argument("--archive", type=_folder, metavar="DIR", help="archive folder")
+    _archive_flag(group)
     group.add_argument("--base-url", metavar="URL", help="the gateway's origin")
     group.add_argument(
         "--api-key", metavar="KEY", help="API key (prefer --api-key-file: argv is visible)"
@@ -419,6 +425,16 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--layout", metavar="TEMPLATE", help="folder template for each task")
     _store_flags(group)
+
+
+def _archive_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Which archive: a folder, or a bucket's prefix."""
+    parser.add_argument(
+        "--archive",
+        type=_folder,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="archive folder, or a bucket and prefix (s3://BUCKET/PREFIX)",
+    )
 
 
 def _store_flags(
@@ -512,7 +528,10 @@ def _settings(args: argparse.Namespace) -> Any:
     from .config import load_settings
 
     flags = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
-    loaded = load_settings(flags, os.environ, getattr(args, "config", None))
+    labels = {}
+    if getattr(args, "state_db", None) is not None:  # search's name for the state setting
+        flags["state"], labels["state"] = args.state_db, "--state-db"
+    loaded = load_settings(flags, os.environ, getattr(args, "config", None), labels)
     for warning in loaded.warnings:
         print(f"fetcher: warning: {warning}", file=sys.stderr)
     return loaded.settings

@@ -206,13 +206,15 @@ def load_settings(
     flags: Mapping[str, Any],
     env: Mapping[str, str],
     config_path: Path | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Loaded:
     """Merge the layers and validate the result in one place.
 
     ``flags`` holds only the flags given (``None`` values are ignored), keyed by
     setting name, plus ``api_key_file``; ``config_path`` is the ``--config``
     flag, falling back to ``FETCHER_CONFIG`` and then to the platform's config
-    folder, where a missing file is fine.
+    folder, where a missing file is fine. ``labels`` names a flag a message
+    should name where it is not ``--<setting>`` (``search --state-db``).
     """
     explicit = config_path or (Path(env["FETCHER_CONFIG"]) if env.get("FETCHER_CONFIG") else None)
     path = explicit or default_config_path()
@@ -229,7 +231,7 @@ def load_settings(
     )
     layers.append(
         {
-            name: _Given(value, "--" + name.replace("_", "-"), True)
+            name: _Given(value, (labels or {}).get(name, "--" + name.replace("_", "-")), True)
             for name, value in flags.items()
             if value is not None
         }

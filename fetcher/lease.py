@@ -24,8 +24,11 @@ lease the run still holds: :meth:`Leases.held` checks it, and locks it, in the
 settling write's own transaction, so a run that was paused past its lease
 never commits over the run that took the task over.
 
-Times are Unix seconds from this machine's clock; the SQL is plain (UPSERT,
-RETURNING) and runs on SQLite 3.35 and PostgreSQL alike.
+Times are Unix seconds by the state's clock (:mod:`fetcher.clock`): on PostgreSQL
+the server's, which every host's runs agree on whatever their own clocks say, learned
+when the run begins and again before each renewal writes, so a clock stepped
+meanwhile is caught up within a third of a lease; on SQLite this machine's. The SQL
+is plain (UPSERT, RETURNING) and runs on SQLite 3.35 and PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .clock import offset
 from .state import ARCHIVED, Records, Step, now_text, redone
 
 #: Default seconds a lease lasts unless renewed (``--lease``).
@@ -69,8 +73,9 @@ class Leases:
 
     ``exclusive``: the run holds the archive's lock, so no other run is running and
     every other run's lease is void (a run killed before it let go of its tasks):
-    they are taken over at once, not after they lapse. ``clock`` is the time of day
-    in Unix seconds (``time.time``; tests pass their own).
+    they are taken over at once, not after they lapse. ``clock`` is this machine's
+    time of day in Unix seconds (``time.time``; tests pass their own), which
+    :meth:`begin` and :meth:`renew` set to the state's clock.
     """
 
     def __init__(
@@ -85,12 +90,15 @@ class Leases:
         self.seconds = seconds
         self._exclusive = exclusive
         self._clock = clock
+        #: Seconds from ``clock`` to the state's time of day (0 until :meth:`begin`).
+        self._offset = 0.0
         self.run_id = secrets.token_hex(8)
 
     @redone
     def begin(self) -> None:
         """Register the run (and forget runs long dead)."""
-        now = self._clock()
+        self._offset = offset(self._db, self._clock)
+        now = self.time_of_day()
         with self._db.atomic():
             self._db.query(
                 "DELETE FROM runs WHERE alive_until < ? RETURNING run_id", (now - FORGET_AFTER,)
@@ -168,7 +176,7 @@ class Leases:
             "expires_at = excluded.expires_at "
             "WHERE leases.run_id = excluded.run_id OR leases.expires_at < ? "
             "RETURNING task_id",
-            (self.run_id, self._clock() + self.seconds, json.dumps(wanted), now),
+            (self.run_id, self.time_of_day() + self.seconds, json.dumps(wanted), now),
         ).fetchall()
         return {str(r[0]) for r in rows}
 
@@ -187,7 +195,9 @@ class Leases:
     @redone
     def renew(self) -> None:
         """Every lease of this run, and the run itself, good for another :attr:`seconds`."""
-        expires = self._clock() + self.seconds
+        # Learned before the writes: a clock stepped since the last renewal moves no lease.
+        self._offset = offset(self._db, self._clock)
+        expires = self.time_of_day() + self.seconds
         with self._db.atomic():
             self._db.query(
                 "UPDATE leases SET expires_at = ? WHERE run_id = ? RETURNING task_id",
@@ -254,9 +264,13 @@ class Leases:
                 found.append(Holder(task_id, state, final, run_id, expires))
         return found
 
+    def time_of_day(self) -> float:
+        """The state's time, in which leases are written (see :mod:`fetcher.clock`)."""
+        return self._clock() + self._offset
+
     def now(self) -> float:
         """The time other runs' leases are compared with: past them all when exclusive."""
-        return math.inf if self._exclusive else self._clock()
+        return math.inf if self._exclusive else self.time_of_day()
 
     def lapsed(self, holder: Holder) -> bool:
         """Whether ``holder``'s lease is free to take: nobody's, or past its time."""
@@ -264,7 +278,9 @@ class Leases:
 
 
 def live_runs(db: Records, now: float, limit: int | None) -> list[dict[str, object]]:
-    """The runs renewed lately, oldest first, each with its leases (at most ``limit``)."""
+    """The runs renewed lately, oldest first, each with its leases (at most ``limit``);
+    ``now`` is this machine's time, moved to the state's clock as leases are."""
+    now += offset(db)
     runs = db.query(
         "SELECT run_id, host, pid, started_at, alive_until FROM runs "
         "WHERE alive_until >= ? ORDER BY started_at, run_id",

@@ -1063,3 +1063,14 @@ def test_output_closed_early_is_one_line_not_a_traceback(tmp_path: Path) -> None
         os.close(write_end)
     assert done.returncode == 1, done.stderr
     assert done.stderr == "fetcher: error: output closed early (broken pipe)\n"
+
+
+@pytest.mark.parametrize(
+    "command", ["fetch", "status", "verify", "search", "enqueue", "work", "serve"]
+)
+def test_archive_help_names_a_bucket_too(command: str) -> None:
+    """Each command's --archive help says it takes a folder or s3://BUCKET/PREFIX."""
+    shown = run_cli([command, "--help"], env={"COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "--archive DIR|s3://BUCKET/PREFIX" in shown.stdout
+    assert "archive folder, or a bucket and prefix (s3://BUCKET/PREFIX)" in shown.stdout

@@ -25,7 +25,7 @@ from conftest import (
 from fetcher.archive import Archive
 from fetcher.errors import ArchiveError
 from fetcher.intake import record_queued
-from fetcher.lease import Leases
+from fetcher.lease import Leases, live_runs
 from fetcher.models import RemoteFile, Task, TaskState
 from fetcher.replica import Fault, Replica
 from fetcher.state import DatabaseUrl, Held, Records, StateDB
@@ -186,6 +186,72 @@ def test_claims_at_once_pass_each_others_leases_by(postgres_url: DatabaseUrl) ->
 
         assert second.claim(["a"]) == set()
         assert [h.run_id for h in second.holders(["a", "b"])] == [first.run_id, second.run_id]
+
+
+class Skewed:
+    """A host's clock, ``by`` seconds off the true time (fast when positive); the test
+    steps it as NTP would."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def __call__(self) -> float:
+        return time.time() + self.by
+
+
+def test_runs_whose_clocks_differ_leave_each_others_live_leases(
+    postgres_url: DatabaseUrl,
+) -> None:
+    """On PostgreSQL lease times are the server's: runs whose clocks are ten minutes fast
+    or slow neither take another live run's lease nor have their own taken, and status
+    shows each alive for one lease."""
+    with PostgresState(postgres_url) as db:
+        skews = {"a": 0, "b": 600, "c": -600}
+        runs = {task: Leases(db, 10, clock=Skewed(by)) for task, by in skews.items()}
+        for task, run in runs.items():
+            run.begin()
+            assert run.claim([task]) == {task}
+        for _ in range(2):
+            assert {task: run.claim(list(runs)) for task, run in runs.items()} == {
+                task: {task} for task in runs
+            }
+            for run in runs.values():
+                run.renew()
+
+        alive = {str(r["run_id"]): r["alive_for_seconds"] for r in live_runs(db, time.time(), None)}
+    assert alive.keys() == {run.run_id for run in runs.values()}
+    assert all(9 <= int(str(seconds)) <= 10 for seconds in alive.values())
+
+
+def test_a_fast_clocked_runs_lease_lapses_on_time(postgres_url: DatabaseUrl) -> None:
+    """A run whose clock is ten minutes fast and that stops renewing lets its task go once
+    its lease lapses by the server's clock, not ten minutes later."""
+    with PostgresState(postgres_url) as db:
+        fast, other = Leases(db, 0.5, clock=Skewed(600)), Leases(db, 0.5)
+        fast.begin()
+        other.begin()
+        assert fast.claim(["a"]) == {"a"}
+        assert other.claim(["a"]) == set()
+        time.sleep(0.7)
+
+        assert other.claim(["a"]) == {"a"}
+
+
+def test_a_clock_stepped_mid_run_is_caught_up_at_renewal(postgres_url: DatabaseUrl) -> None:
+    """A host clock stepped ten minutes between renewals: the renewal learns the server's
+    time again before it writes, so the lease lasts one lease from then, no more."""
+    with PostgresState(postgres_url) as db:
+        clock = Skewed(0)
+        stepped, other = Leases(db, 0.5, clock=clock), Leases(db, 0.5)
+        stepped.begin()
+        other.begin()
+        assert stepped.claim(["a"]) == {"a"}
+        clock.by = 600
+        stepped.renew()
+        assert other.claim(["a"]) == set()
+        time.sleep(0.7)
+
+        assert other.claim(["a"]) == {"a"}
 
 
 def test_settling_writes_are_refused_to_a_run_that_lost_its_lease(db: Records) -> None:

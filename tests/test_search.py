@@ -494,3 +494,32 @@ def test_search_indexes_an_old_archive_first(replica: Replica, settings: Setting
     assert found.stdout.startswith(tid)
     with reading(settings.archive) as catalog:
         assert catalog.indexed_whole()
+
+
+def test_search_names_its_state_with_state_db(
+    demo_postgres: DatabaseUrl, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """`search --state-db URL` reads that state (what --state names for the other commands)
+    while its --state still filters tasks; a state it cannot reach is one line naming
+    the server, exit 2, without the password."""
+    elsewhere = tmp_path / "no-state-here"
+    elsewhere.mkdir()
+    args = ["search", "--json", "--archive", str(elsewhere), "--state-db", demo_postgres.dsn]
+    found = run_cli([*args, "pig", "--state", "archived"])
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["prompt"] for line in found.stdout.splitlines()] == ["pig"]
+    assert run_cli([*args, "pig", "--state", "failed"]).stdout == ""
+    wrong = postgres.url(demo_postgres.dsn.rsplit("/", 1)[1], password="not-the-password")
+    refused = run_cli(["search", "pig", "--archive", str(elsewhere), "--state-db", wrong])
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("fetcher: error: cannot connect to the state database")
+    assert len(refused.stderr.splitlines()) == 1
+    assert "not-the-password" not in refused.stderr + refused.stdout
+
+
+def test_a_bad_state_db_is_named_as_given(tmp_path: Path) -> None:
+    """A --state-db value that is no state: its one line names --state-db, not --state."""
+    found = run_cli(["search", "pig", "--archive", str(tmp_path), "--state-db", "postgresql://["])
+    assert found.returncode == 2
+    assert len(found.stderr.splitlines()) == 1
+    assert "--state-db" in found.stderr
