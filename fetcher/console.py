@@ -235,8 +235,9 @@ def summary_line(summary: RunSummary) -> str:
         if number:
             shown.append(f"{number} {outcome.value.replace('_', ' ')}{parts}")
     if summary.from_queue:
-        # Counted above under their outcomes too: tasks an earlier run queued.
-        shown.append(f"{summary.from_queue} of them from an earlier run's queue")
+        # Counted above under their outcomes too: tasks another run queued (an earlier
+        # one, or on a shared state one running alongside).
+        shown.append(f"{summary.from_queue} of them from another run's queue")
     downloaded = format_size(summary.bytes_downloaded)
     files = f"{_count(summary.files_downloaded, 'file')}, {downloaded} downloaded"
     verdict = "interrupted" if summary.interrupted else "with problems" if summary.failed else "ok"
